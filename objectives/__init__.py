@@ -1,0 +1,33 @@
+"""Pretraining objectives, looked up by name: ``objectives.get("mae", mask_ratio=0.75)``."""
+from __future__ import annotations
+
+import dataclasses
+
+from objectives.base import ImageObjective, Objective, patchify, unpatchify
+from objectives.mae import MAE
+
+_OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAE,)}
+
+
+def names(modality: str | None = None) -> tuple[str, ...]:
+    """Known objective names, optionally only those of one modality ("image", ...)."""
+    return tuple(n for n, cls in _OBJECTIVES.items() if modality in (None, cls.modality))
+
+
+def get(name: str, **hparams) -> Objective:
+    """Returns the objective ``name`` with the given hyperparameters.
+
+    Raises a one-line ValueError listing what exists for an unknown name or hyperparameter.
+    """
+    if name not in _OBJECTIVES:
+        raise ValueError(f"objective.name: unknown {name!r}; known objectives: {names()}")
+    cls = _OBJECTIVES[name]
+    allowed = tuple(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(f"objective {name!r}: unknown hyperparameter {unknown[0]!r}; "
+                         f"allowed: {', '.join(allowed)}")
+    return cls(**hparams)
+
+
+__all__ = ["ImageObjective", "MAE", "Objective", "get", "names", "patchify", "unpatchify"]

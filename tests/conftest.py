@@ -1,0 +1,20 @@
+"""Test setup: 8 simulated CPU devices, configured before JAX initialises its backend."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_debug_key_reuse", True)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A session-wide dataset cache so bundled datasets are prepared once per test run."""
+    path = os.environ.get("ZOO_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("zoo_data"))
+    os.environ["ZOO_DATA_DIR"] = path
+    return path

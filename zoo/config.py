@@ -1,0 +1,202 @@
+"""Experiment configs: frozen, validated dataclasses built from a Python file's ``get_config()``.
+
+An experiment file returns a ``Config`` (or a nested dict of the same fields); ``--set
+optim.lr=3e-4`` style overrides use dotted paths; ``objective`` is a dict ``{"name": ..., **hparams}``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from zoo.mesh import DEFAULT_RULES
+
+NONFINITE_POLICIES = ("skip", "stop")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "vit"
+    size: str = "test"
+    patch_size: int = 4
+    posemb: str = "sincos2d"
+    cls_token: bool = True
+    dtype: str = "float32"        # compute dtype; parameters stay float32
+    width: int | None = None      # optional overrides of the size's dimensions
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_dim: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    name: str = "digits"
+    split: str = "train"
+    batch_size: int = 64          # global batch size
+    seed: int = 0
+    data_dir: str | None = None   # default: $ZOO_DATA_DIR or the user cache dir
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3              # peak learning rate
+    schedule: str = "cosine"      # after linear warmup
+    warmup_steps: int = 20
+    end_lr_fraction: float = 0.0
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float | None = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    dataset: str = "digits"
+    batch_size: int = 256
+    knn_k: int = 20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    objective: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"name": "mae"})
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    probe: ProbeConfig = ProbeConfig()
+    mesh: tuple = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    rules: tuple = DEFAULT_RULES
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    nonfinite: str = "skip"       # what a non-finite loss or gradient does: skip | stop
+    peak_flops: float | None = None   # MFU denominator; None measures a matmul at start
+    progress: bool = True
+
+
+# Fields that may change between runs in one workdir (they do not change what a step computes).
+RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "progress",
+                    "peak_flops", "probe", "data.data_dir")
+
+
+def validate(config: Config) -> Config:
+    """Checks the fields that need no data or devices; raises one-line ValueErrors."""
+    m, o = config.model, config.optim
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: unknown {m.dtype!r}; allowed: {tuple(DTYPES)}")
+    if m.patch_size <= 0:
+        raise ValueError(f"model.patch_size: must be positive, got {m.patch_size}")
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule: unknown {o.schedule!r}; allowed: {SCHEDULES}")
+    if config.nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite: unknown {config.nonfinite!r}; allowed: "
+                         f"{NONFINITE_POLICIES}")
+    for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(config, field) <= 0:
+            raise ValueError(f"{field}: must be positive, got {getattr(config, field)}")
+    if config.data.batch_size <= 0:
+        raise ValueError(f"data.batch_size: must be positive, got {config.data.batch_size}")
+    if "name" not in config.objective:
+        raise ValueError("objective: needs a 'name' key, e.g. {'name': 'mae'}")
+    return config
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Builds a Config from a nested dict (unknown keys raise, naming the field)."""
+    return _build(Config, values, prefix="")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """JSON-friendly nested dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def override(config: Config, assignments: Sequence[str]) -> Config:
+    """Applies ``key=value`` overrides, e.g. ``["optim.lr=3e-4", "objective.mask_ratio=0.5"]``.
+
+    Values are Python literals; anything that does not parse as one is kept as a string.
+    """
+    values = dataclasses.asdict(config)
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected key=value, got {assignment!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set: unknown field {key!r}")
+            node = node[part]
+        if parts[-1] not in node and not (parts[0] == "objective" and len(parts) == 2):
+            raise ValueError(f"--set: unknown field {key!r}; fields here: {sorted(node)}")
+        node[parts[-1]] = value
+    return from_dict(values)
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Loads ``experiments/x.py`` or ``experiments/x.py:tiny`` (the argument goes to get_config)."""
+    path, _, arg = path.partition(":")
+    if not os.path.exists(path):
+        raise ValueError(f"--config: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location("zoo_experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    if isinstance(config, Mapping):
+        config = from_dict(config)
+    return validate(override(config, overrides))
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of fields that differ between two ``to_dict`` configs, skipping resumables."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in RESUMABLE_FIELDS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += differences(a, b, prefix=f"{name}.")
+        elif a != b:
+            diffs.append(name)
+    return diffs
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"config: unknown field {prefix + key!r}; allowed: {sorted(fields)}")
+        sub = _SUBCONFIGS.get(key) if cls is Config else None
+        if sub is not None and isinstance(value, Mapping):
+            value = _build(sub, value, prefix=f"{key}.")
+        elif key in ("mesh", "rules"):
+            value = _deep_tuple(value)
+        elif key == "objective":
+            value = dict(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _deep_tuple(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_deep_tuple(v) for v in value)
+    return value
+
+
+_SUBCONFIGS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+               "probe": ProbeConfig}

@@ -1,0 +1,1 @@
+"""TFDS builder for random crops of scikit-image's bundled photos (see the builder module)."""

@@ -1,0 +1,55 @@
+"""Analytic model FLOPs and the matmul peak they are measured against (MFU).
+
+Counts follow the PaLM appendix convention: a multiply-add is 2 FLOPs, only matmuls and attention
+contractions count, and a train step costs 3x the forward pass (backward = 2x forward). Each part
+counts the tokens it really sees (MAE's encoder sees only the kept patches).
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def dense_flops(tokens: int, fan_in: int, fan_out: int) -> float:
+    return 2.0 * tokens * fan_in * fan_out
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+    """Forward FLOPs of ``depth`` pre-norm blocks over ``tokens`` tokens (one example)."""
+    projections = dense_flops(tokens, width, 3 * width) + dense_flops(tokens, width, width)
+    mlp = dense_flops(tokens, width, mlp_dim) + dense_flops(tokens, mlp_dim, width)
+    attention = 2 * 2.0 * tokens * tokens * width  # q @ k^T and attn @ v
+    return depth * (projections + mlp + attention)
+
+
+def train_step_flops(forward_flops_per_example: float, batch_size: int) -> float:
+    return 3.0 * forward_flops_per_example * batch_size
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs XLA reports for a compiled program (None if the backend does not say)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5,
+                        device=None) -> float:
+    """Best achieved FLOP/s of a ``size``x``size`` matmul on one device (the MFU denominator)."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)),
+                                   dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best

@@ -1,0 +1,62 @@
+"""Backbones, looked up by name: ``zoo.models.get("vit", size="S", ...)``."""
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from zoo.models.layers import Block, TransformerStack
+from zoo.models.vit import POSEMB_KINDS, ViT
+
+KNOWN_MODELS = ("vit",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+
+
+# "test" and "micro" are for CPU tests and the bundled comparison; the rest are the ViT paper's.
+SIZES = {
+    "test": Size(32, 2, 2, 64),
+    "micro": Size(96, 4, 4, 384),
+    "Ti": Size(192, 12, 3, 768),
+    "S": Size(384, 12, 6, 1536),
+    "B": Size(768, 12, 12, 3072),
+    "L": Size(1024, 24, 16, 4096),
+}
+
+
+def size_of(size: str) -> Size:
+    if size not in SIZES:
+        raise ValueError(f"model.size: unknown {size!r}; allowed: {tuple(SIZES)}")
+    return SIZES[size]
+
+
+def get(name: str, **kwargs):
+    """Builds a backbone by name. Example: ``get("vit", grid=(4, 4), patch_dim=48, size="test",
+    rngs=nnx.Rngs(0))``. Width/depth/heads/mlp_dim override the size's defaults."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"model.name: unknown {name!r}; allowed: {KNOWN_MODELS}")
+    size = size_of(kwargs.pop("size", "test"))
+    dims = {f.name: kwargs.pop(f.name, None) or getattr(size, f.name)
+            for f in dataclasses.fields(Size)}
+    # Parameters keep their logical-axis metadata; the trainer shards them with jit
+    # out_shardings, so building a model never needs a mesh (notebooks, tests).
+    with nnx.use_eager_sharding(False):
+        return ViT(**dims, **kwargs)
+
+
+class PretrainModel(nnx.Module):
+    """The shared backbone plus the heads an objective adds on top of it."""
+
+    def __init__(self, encoder: nnx.Module, heads: nnx.Module | None):
+        self.encoder = encoder
+        self.heads = heads
+
+
+__all__ = ["PretrainModel", "Block", "KNOWN_MODELS", "POSEMB_KINDS", "SIZES", "TransformerStack", "ViT", "get",
+           "size_of"]

@@ -1,0 +1,91 @@
+"""Transformer building blocks shared by every backbone and head (pre-norm, as in timm's ViT).
+
+Parameters carry logical axis names ("embed", "mlp", "heads"); ``zoo.mesh`` maps them to mesh
+axes. ``dtype`` is the compute dtype (e.g. bfloat16); parameters are always float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo.mesh import shard_activation
+
+LN_EPS = 1e-6  # MAE/timm use LayerNorm(eps=1e-6)
+
+
+def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+          rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
+    """A Linear layer with xavier-uniform kernel and zero bias (MAE's ``_init_weights``)."""
+    return nnx.Linear(
+        in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs)
+
+
+def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        width, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (bias on, as MAE's qkv_bias=True)."""
+
+    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if width % num_heads:
+            raise ValueError(f"attention: width {width} is not divisible by heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = dense(width, 3 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
+        self.proj = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        batch, length, width = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return self.proj(out.reshape(batch, length, width))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.fc1 = dense(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Exact (erf) GELU, as torch.nn.GELU() in the reference.
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm Transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
+        self.norm1 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.attn = Attention(width, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.norm1(x), mask)
+        x = x + self.mlp(self.norm2(x))
+        return shard_activation(x, ("batch", "seq", "act_embed"))
+
+
+class TransformerStack(nnx.Module):
+    """``depth`` blocks followed by a final LayerNorm."""
+
+    def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
+                                for _ in range(depth)])
+        self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)

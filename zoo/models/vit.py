@@ -1,0 +1,84 @@
+"""Vision Transformer encoder over a sequence of patch embeddings.
+
+The encoder never sees images: it takes flattened patches ``[batch, num_patches, patch_dim]`` so
+objectives can drop, shuffle or gather tokens (MAE keeps 25% of them) and the same encoder works
+for any sequence of embeddings. Follows MAE's ``models_mae.py`` encoder (timm ViT blocks).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo.models.layers import TransformerStack, dense
+from zoo.models.posemb import sincos_2d
+
+POSEMB_KINDS = ("sincos2d", "learn", "none")
+
+
+class ViT(nnx.Module):
+    """ViT encoder. ``embed`` adds position embeddings; ``encode`` runs cls token + blocks.
+
+    Example::
+
+        vit = ViT(grid=(8, 8), patch_dim=16, width=64, depth=2, num_heads=2, mlp_dim=128,
+                  rngs=nnx.Rngs(0))
+        tokens = vit(patches)            # [B, 64, 64]
+    """
+
+    def __init__(self, *, grid: tuple[int, int], patch_dim: int, width: int, depth: int,
+                 num_heads: int, mlp_dim: int, posemb: str = "sincos2d",
+                 cls_token: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+        if posemb not in POSEMB_KINDS:
+            raise ValueError(f"model.posemb: unknown {posemb!r}; allowed: {POSEMB_KINDS}")
+        self.grid = tuple(grid)
+        self.patch_dim = patch_dim
+        self.width = width
+        self.depth = depth
+        self.mlp_dim = mlp_dim
+        self.num_patches = grid[0] * grid[1]
+        self.posemb_kind = posemb
+        self.dtype = dtype
+        self.patch_embed = dense(patch_dim, width, ("patch", "embed"), rngs=rngs, dtype=dtype)
+        if posemb == "learn":
+            init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
+            self.posemb = nnx.Param(init(rngs.params(), (self.num_patches, width)))
+        self.has_cls = cls_token
+        if cls_token:
+            init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
+            self.cls = nnx.Param(init(rngs.params(), (1, 1, width)))
+        self.encoder = TransformerStack(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
+
+    def position_embeddings(self) -> jax.Array | None:
+        """[num_patches, width] or None when the encoder has no position embeddings."""
+        if self.posemb_kind == "sincos2d":
+            return jnp.asarray(sincos_2d(self.width, *self.grid))
+        if self.posemb_kind == "learn":
+            return self.posemb[...]
+        return None
+
+    def embed(self, patches: jax.Array) -> jax.Array:
+        """Linear patch embedding plus position embedding: [B, L, patch_dim] -> [B, L, width]."""
+        x = self.patch_embed(patches)
+        pos = self.position_embeddings()
+        if pos is not None:
+            x = x + pos.astype(x.dtype)
+        return x
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """Prepends the cls token (its position embedding is zero, as in MAE) and runs blocks."""
+        if self.has_cls:
+            cls = jnp.broadcast_to(self.cls[...].astype(tokens.dtype),
+                                   (tokens.shape[0], 1, self.width))
+            tokens = jnp.concatenate([cls, tokens], axis=1)
+        return self.encoder(tokens)
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        return self.encode(self.embed(patches))
+
+    def features(self, patches: jax.Array) -> jax.Array:
+        """Frozen-feature view for probes: mean of the patch tokens (cls excluded) -> [B, width]."""
+        tokens = self(patches)
+        if self.has_cls:
+            tokens = tokens[:, 1:]
+        return tokens.astype(jnp.float32).mean(axis=1)

@@ -1,0 +1,358 @@
+"""The one shared, sharded, jit-compiled train step and the training loop around it.
+
+Every objective runs through ``make_train_step``:
+
+    rng = fold_in(fold_in(base_rng, step), crc32(objective.name))
+    inputs, targets = objective.prepare(batch, rng)      # on device, static shapes
+    outputs = objective.apply(model, inputs)             # backbone + the objective's heads
+    loss, metrics = objective.loss(outputs, targets)
+    grads -> optax -> new state (skipped when the loss or gradient is not finite)
+
+The state is donated; parameters are created already sharded (``eval_shape`` -> shardings ->
+``jit(init, out_shardings=...)``); batches become global arrays from process-local data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import objectives
+import zoo.data
+import zoo.models
+from zoo import config as config_lib
+from zoo.checkpoint import Checkpointer
+from zoo.flops import measure_matmul_peak, train_step_flops
+from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
+from zoo.metric_writer import MetricWriter
+from zoo.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array                  # int32 scalar: steps taken so far
+    params: Any                      # nnx.State of the model's Params
+    opt_state: Any
+    rng: jax.Array                   # uint32[2] base key; each step folds in its number
+    nonfinite_steps: jax.Array       # int32: updates skipped for a non-finite loss/gradient
+    first_nonfinite_step: jax.Array  # int32: the first such step, -1 if none
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built and validated from a config before anything compiles."""
+
+    config: config_lib.Config
+    objective: objectives.Objective
+    data_spec: Any
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    abstract_state: TrainState       # ShapeDtypeStructs carrying their shardings
+    state_shardings: TrainState
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    forward_flops: float             # model FLOPs of one example's forward pass
+
+    @property
+    def step_flops(self) -> float:
+        return train_step_flops(self.forward_flops, self.config.data.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building: validation, model, shardings.
+# ---------------------------------------------------------------------------------------------
+
+def make_objective(config: config_lib.Config) -> objectives.Objective:
+    hparams = {k: v for k, v in config.objective.items() if k != "name"}
+    if "patch_size" in hparams and hparams["patch_size"] != config.model.patch_size:
+        raise ValueError(f"objective.patch_size: {hparams['patch_size']} differs from "
+                         f"model.patch_size={config.model.patch_size}; set only model.patch_size")
+    hparams["patch_size"] = config.model.patch_size
+    return objectives.get(config.objective["name"], **hparams)
+
+
+def create_model(config: config_lib.Config, objective: objectives.Objective,
+                 image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> zoo.models.PretrainModel:
+    """Backbone from ``config.model`` plus the objective's heads (unsharded; see ``init_state``)."""
+    m = config.model
+    dtype = config_lib.DTYPES[m.dtype]
+    grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)
+    with nnx.use_eager_sharding(False):
+        encoder = zoo.models.get(
+            m.name, size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+            mlp_dim=m.mlp_dim, grid=grid, patch_dim=m.patch_size**2 * image_shape[2],
+            posemb=m.posemb, cls_token=m.cls_token, dtype=dtype, rngs=rngs)
+        heads = objective.make_heads(encoder, rngs=rngs, dtype=dtype)
+        return zoo.models.PretrainModel(encoder, heads)
+
+
+def tree_shardings(tree, mesh, rules):
+    """NamedShardings for a pytree: Params by their logical axes, everything else replicated."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("out_sharding")
+            spec = (logical_to_spec(axes, rules, x.value.shape, mesh, what=str(axes))
+                    if axes else P())
+            return x.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def build(config: config_lib.Config, *, devices=None) -> Experiment:
+    """Validates the config against data and devices and prepares (but does not compile) a run."""
+    config = config_lib.validate(config)
+    objective = make_objective(config)
+    data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
+    if config.data.split not in data_spec.splits:
+        raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
+                         f"allowed: {tuple(data_spec.splits)}")
+    objective.validate(image_shape=data_spec.image_shape)
+    mesh = make_mesh(config.mesh, devices)
+    parallel = data_parallel_size(mesh, config.rules)
+    if config.data.batch_size % parallel:
+        raise ValueError(f"data.batch_size: global batch {config.data.batch_size} is not "
+                         f"divisible by the {parallel} data-parallel devices (data x fsdp); use "
+                         f"a multiple of {parallel}")
+    if config.data.batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size: {config.data.batch_size} is not divisible by the "
+                         f"{jax.process_count()} processes")
+    tx, schedule = make_optimizer(config.optim, config.steps)
+
+    def init() -> TrainState:
+        model = create_model(config, objective, data_spec.image_shape,
+                             nnx.Rngs(params=config.seed))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(config.seed + 1),
+                          nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
+
+    with nnx.logical_axis_rules(config.rules):
+        abstract = jax.eval_shape(init)
+        shardings = tree_shardings(abstract, mesh, config.rules)
+    abstract_model = nnx.eval_shape(lambda: create_model(
+        config, objective, data_spec.image_shape, nnx.Rngs(params=0)))
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    experiment = Experiment(config, objective, data_spec, mesh, graphdef, abstract_state,
+                            shardings, tx, schedule, objective.forward_flops(abstract_model))
+    experiment._init = init  # noqa: SLF001 (kept for init_state)
+    return experiment
+
+
+def init_state(experiment: Experiment) -> TrainState:
+    """Creates the train state directly in its sharded layout (no host copy of the model)."""
+    with jax.set_mesh(experiment.mesh):
+        return jax.jit(experiment._init, out_shardings=experiment.state_shardings)()
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step.
+# ---------------------------------------------------------------------------------------------
+
+def objective_salt(name: str) -> int:
+    """A stable per-objective rng salt (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def make_train_step(experiment: Experiment):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated."""
+    objective, graphdef, tx = experiment.objective, experiment.graphdef, experiment.tx
+    schedule, salt = experiment.schedule, objective_salt(experiment.objective.name)
+
+    def loss_fn(params, batch, rng):
+        model = nnx.merge(graphdef, params)
+        inputs, targets = objective.prepare(batch, rng)
+        outputs = objective.apply(model, inputs)
+        return objective.loss(outputs, targets)
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_finite = lambda new, old: jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        bad = jnp.logical_not(finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            rng=state.rng,
+            nonfinite_steps=state.nonfinite_steps + bad,
+            first_nonfinite_step=jnp.where((bad > 0) & (state.first_nonfinite_step < 0),
+                                           state.step, state.first_nonfinite_step))
+        metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "skipped": bad.astype(jnp.float32)}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(experiment.state_shardings, None),
+                   out_shardings=(experiment.state_shardings, None))
+
+
+def global_batch(experiment: Experiment, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Process-local numpy rows -> global arrays sharded over the data-parallel axes."""
+    out = {}
+    for key, value in local.items():
+        sharding = batch_sharding(experiment.mesh, value.ndim, experiment.config.rules)
+        shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: resume, log, checkpoint.
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def check_workdir(workdir: str, config: config_lib.Config) -> None:
+    """Refuses a workdir written by a different config (before anything is written)."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(workdir) and not os.access(workdir, os.W_OK):
+        raise ValueError(f"workdir: {workdir!r} is not writable")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = config_lib.differences(old, config_lib.to_dict(config))
+    if diffs:
+        field = diffs[0]
+        there, here = _lookup(old, field), _lookup(config_lib.to_dict(config), field)
+        raise ValueError(f"workdir: {workdir!r} holds a run of a different config ({field} is "
+                         f"{there!r} there, {here!r} here); use a new --workdir (allowed to "
+                         f"differ: {', '.join(config_lib.RESUMABLE_FIELDS)})")
+
+
+def _lookup(tree, dotted):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def peak_flops(config: config_lib.Config) -> float:
+    """The MFU denominator: from the config, else a matmul measured on this machine."""
+    if config.peak_flops:
+        return float(config.peak_flops)
+    per_device = measure_matmul_peak()
+    # Simulated CPU devices share the same cores, so the host's peak is one device's.
+    return per_device if jax.devices()[0].platform == "cpu" else per_device * jax.device_count()
+
+
+def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None,
+          devices=None) -> dict[str, Any]:
+    """Trains (or resumes) ``config`` in ``workdir``; returns a summary dict.
+
+    Args:
+      config: a validated ``zoo.config.Config``.
+      workdir: holds ``config.json``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/``.
+      stop_at: stop after this step as if preempted (a checkpoint is written there).
+
+    Example (notebook)::
+
+        cfg = zoo.config.load("experiments/mae_digits.py:tiny")
+        summary = zoo.train(cfg, "/tmp/mae")
+    """
+    experiment = build(config, devices=devices)
+    check_workdir(workdir, config)
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    source = zoo.data.get_source(config.data.name, config.data.split,
+                                 data_dir=config.data.data_dir)
+    batches = zoo.data.BatchIterator(source, global_batch_size=config.data.batch_size,
+                                     seed=config.data.seed, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, experiment.abstract_state)
+        batches.set_state(data_state)
+        log.info("resumed from step %d in %s", latest, workdir)
+    else:
+        state = init_state(experiment)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                json.dump(config_lib.to_dict(config), f, indent=2)
+    start = int(state.step)
+    step_fn = make_train_step(experiment)
+    peak = peak_flops(config)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    progress = _progress(config, start)
+    last_metrics: dict[str, float] = {}
+    pending: list[dict] = []
+    timer_start, timer_steps = None, 0
+    try:
+        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
+            for step in range(start, config.steps):
+                state, metrics = step_fn(state, global_batch(experiment, next(batches)))
+                pending.append(metrics)
+                done = step + 1
+                if timer_start is None:       # the first step compiles: time from its end
+                    jax.block_until_ready(metrics)
+                    timer_start, timer_steps = time.perf_counter(), 0
+                else:
+                    timer_steps += 1
+                is_last = done == config.steps or done == stop_at
+                if done % config.log_every == 0 or is_last:
+                    last_metrics = _log(pending, state, done, timer_start, timer_steps,
+                                        experiment.step_flops, peak, writer, progress, config)
+                    pending = []
+                if done % config.checkpoint_every == 0 or is_last:
+                    checkpointer.save(done, state, batches.get_state())
+                if progress is not None:
+                    progress.update(1)
+                if done == stop_at:
+                    break
+    finally:
+        writer.close()
+        checkpointer.close()
+        if progress is not None:
+            progress.close()
+    return {"workdir": workdir, "step": int(state.step), **last_metrics}
+
+
+def _log(pending, state, step, timer_start, timer_steps, step_flops, peak, writer, progress,
+         config) -> dict[str, float]:
+    """Fetches the metrics of the last interval (one transfer) and writes their means."""
+    fetched, first_bad, bad_count = jax.device_get(
+        (pending, state.first_nonfinite_step, state.nonfinite_steps))
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    scalars["nonfinite_steps"] = float(bad_count)
+    elapsed = time.perf_counter() - timer_start
+    if timer_steps > 0 and elapsed > 0:
+        scalars["steps_per_sec"] = timer_steps / elapsed
+        scalars["mfu"] = scalars["steps_per_sec"] * step_flops / peak
+    writer.write(step, scalars)
+    if progress is not None:
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                             steps_s=f"{scalars.get('steps_per_sec', 0):.2f}",
+                             mfu=f"{100 * scalars.get('mfu', 0):.1f}%")
+    if first_bad >= 0 and config.nonfinite == "stop":
+        raise NonFiniteLossError(f"non-finite loss or gradient at step {int(first_bad)}; "
+                                 "stopping (nonfinite='stop'); that update was not applied")
+    return scalars
+
+
+def _progress(config, start):
+    if not config.progress or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=config.steps, initial=start, desc=config.objective["name"],
+                dynamic_ncols=True)
