@@ -110,11 +110,16 @@ def tree_shardings(tree, mesh, rules):
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def build(config: config_lib.Config, *, devices=None) -> Experiment:
-    """Validates the config against data and devices and prepares (but does not compile) a run."""
+def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experiment:
+    """Validates the config against data and devices and prepares (but does not compile) a run.
+
+    ``data_spec`` (a ``zoo.data.DatasetSpec``) replaces the dataset lookup, e.g. for benchmarks
+    on synthetic images.
+    """
     config = config_lib.validate(config)
     objective = make_objective(config)
-    data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
+    if data_spec is None:
+        data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
     if config.data.split not in data_spec.splits:
         raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
                          f"allowed: {tuple(data_spec.splits)}")

@@ -1,0 +1,98 @@
+"""``zoo bench mae``: step time, images/s and MFU of the shared train step (prints figures).
+
+The matmul peak is measured in the same process, just before the step is timed, so MFU is a ratio
+of two figures taken under the same machine load.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from zoo import config as config_lib
+from zoo.flops import compiled_flops, measure_matmul_peak
+
+
+def mae_bench_config(*, size: str = "S", patch_size: int = 16, batch_size: int = 16,
+                     dtype: str = "float32", decoder_width: int = 256, decoder_depth: int = 4,
+                     decoder_heads: int = 8, mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))
+                     ) -> config_lib.Config:
+    """MAE with a ViT-S/16 encoder and a 256x4 decoder by default (the issue's benchmark)."""
+    return config_lib.validate(config_lib.Config(
+        model=config_lib.ModelConfig(size=size, patch_size=patch_size, dtype=dtype),
+        objective={"name": "mae", "decoder_width": decoder_width,
+                   "decoder_depth": decoder_depth, "decoder_heads": decoder_heads},
+        data=config_lib.DataConfig(name="synthetic", batch_size=batch_size),
+        mesh=mesh, steps=1000, progress=False))
+
+
+def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices=None,
+              print_fn=print, **config_kwargs) -> dict:
+    """Times the MAE train step; returns (and prints) step time, images/s, MFU and friends."""
+    from zoo.data import DatasetSpec
+    from zoo.train import build, global_batch, init_state, make_train_step
+
+    config = mae_bench_config(**config_kwargs)
+    spec = DatasetSpec(name="synthetic", image_shape=(image_size, image_size, 3),
+                       num_classes=None, splits={"train": 1 << 20})
+    experiment = build(config, devices=devices, data_spec=spec)
+    state = init_state(experiment)
+    step_fn = make_train_step(experiment)
+    rng = np.random.default_rng(0)
+    local = config.data.batch_size // jax.process_count()
+    batches = [global_batch(experiment, {
+        "image": rng.integers(0, 256, (local, image_size, image_size, 3), dtype=np.uint8),
+        "label": np.zeros((local,), np.int32)}) for _ in range(2)]
+    from flax import nnx
+    with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
+        compiled = step_fn.lower(state, batches[0]).compile()
+        xla_flops = compiled_flops(compiled)
+        for i in range(warmup):
+            state, metrics = step_fn(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+        peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
+        if jax.devices()[0].platform != "cpu":
+            peak *= len(experiment.mesh.devices.flat)
+        times = []
+        for i in range(steps):
+            start = time.perf_counter()
+            state, metrics = step_fn(state, batches[i % 2])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    flops = experiment.step_flops
+    result = {
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x"
+                  f"{len(experiment.mesh.devices.flat)}",
+        "dtype": config.model.dtype, "batch_size": config.data.batch_size,
+        "image_size": image_size, "step_seconds": step_time,
+        "images_per_second": config.data.batch_size / step_time,
+        "model_gflops_per_step": flops / 1e9,
+        "xla_gflops_per_step": None if xla_flops is None else xla_flops / 1e9,
+        "achieved_gflops_per_second": flops / step_time / 1e9,
+        "matmul_peak_gflops_per_second": peak / 1e9,
+        "mfu": flops / step_time / peak,
+        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": float(metrics["loss"]),
+    }
+    print_fn(format_result(result, config))
+    return result
+
+
+def format_result(r: dict, config: config_lib.Config) -> str:
+    xla = "n/a" if r["xla_gflops_per_step"] is None else f"{r['xla_gflops_per_step']:.1f}"
+    return "\n".join([
+        f"MAE ViT-{config.model.size}/{config.model.patch_size} at {r['image_size']}, decoder "
+        f"{config.objective['decoder_width']}x{config.objective['decoder_depth']}, batch "
+        f"{r['batch_size']}, {r['dtype']}, AdamW on {r['device']}",
+        f"  step time (median)   {r['step_seconds']:.3f} s",
+        f"  images/s             {r['images_per_second']:.1f}",
+        f"  model GFLOP/step     {r['model_gflops_per_step']:.1f}  (XLA counts {xla})",
+        f"  achieved GFLOP/s     {r['achieved_gflops_per_second']:.1f}",
+        f"  matmul peak GFLOP/s  {r['matmul_peak_gflops_per_second']:.1f}",
+        f"  MFU                  {100 * r['mfu']:.1f}%",
+        f"  peak host memory     {r['peak_host_memory_mb']:.0f} MB",
+    ])

@@ -1,0 +1,127 @@
+"""The ``zoo`` command line: pretrain, probe, compare, peak, bench.
+
+Every command is a thin wrapper over a plain Python function (``zoo.train``, ``zoo.probe``,
+``zoo.compare``, ...), so notebooks use the same code. Bad input prints one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _pretrain(args) -> None:
+    from zoo import config as config_lib
+    from zoo.train import train
+    config = config_lib.load(args.config, args.set or ())
+    summary = train(config, args.workdir, stop_at=args.stop_at)
+    print(json.dumps(summary))
+
+
+def _load_workdir_config(workdir: str):
+    from zoo import config as config_lib
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--workdir: {workdir!r} has no config.json (not a zoo run)")
+    with open(path) as f:
+        return config_lib.validate(config_lib.from_dict(json.load(f)))
+
+
+def _probe(args) -> None:
+    from zoo.probe import probe
+    config = _load_workdir_config(args.workdir)
+    result = {"pretrained": probe(config, args.workdir)}
+    if args.baseline:
+        result["random_init"] = probe(config, None)
+    for name, scores in result.items():
+        print(f"{name:>12}: linear probe {100 * scores['linear_probe']:.1f}%  "
+              f"k-NN {100 * scores['knn']:.1f}%  (step {scores['step']})")
+    with open(os.path.join(args.workdir, "probe.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def _compare(args) -> None:
+    from zoo.compare import compare, results_table
+    results = compare(args.suite, args.out, steps=args.steps, tiny=args.tiny,
+                      only=tuple(args.only) if args.only else None)
+    print(results_table(results))
+    print(f"wrote {args.out}/results.md, results.json, results.png")
+
+
+def _peak(args) -> None:
+    import jax.numpy as jnp
+    from zoo.flops import measure_matmul_peak
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    peak = measure_matmul_peak(args.size, dtype)
+    print(f"matmul peak ({args.size}x{args.size}, {args.dtype}): {peak / 1e9:.1f} GFLOP/s")
+
+
+def _bench(args) -> None:
+    from zoo.bench import bench_mae
+    bench_mae(size=args.size, image_size=args.image_size, batch_size=args.batch_size,
+              dtype=args.dtype, steps=args.steps)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train a config in a workdir (resumes if possible)")
+    p.add_argument("--config", required=True, help="experiments/FILE.py or FILE.py:ARG")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("probe", help="linear probe and k-NN of a run's encoder")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the random-init baseline row")
+    p.set_defaults(func=_probe)
+
+    p = sub.add_parser("compare", help="pretrain and probe every objective of a suite")
+    p.add_argument("--suite", default="image", help="modality to compare (default: image)")
+    p.add_argument("--out", default="compare_out", help="output dir (default: compare_out)")
+    p.add_argument("--steps", type=int, default=None, help="steps per objective")
+    p.add_argument("--only", nargs="*", help="only these objectives")
+    p.add_argument("--tiny", action="store_true", help="tiny smoke-test budget")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("peak", help="measure the matmul peak of this device")
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.set_defaults(func=_peak)
+
+    p = sub.add_parser("bench", help="time a train step: step time, images/s, MFU")
+    p.add_argument("what", choices=("mae",))
+    p.add_argument("--size", default="S")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=5)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except ValueError as error:
+        if args.verbose:
+            raise
+        print(f"zoo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

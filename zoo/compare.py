@@ -1,0 +1,131 @@
+"""``zoo compare``: every objective of a modality, same backbone and budget, probed side by side.
+
+Writes ``results.md``, ``results.json`` and ``results.png`` (a bar plot) into the output dir.
+Each objective trains in its own sub-workdir, so an interrupted comparison resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import objectives
+from zoo import config as config_lib
+from zoo.config import Config, DataConfig, ModelConfig, OptimConfig
+
+SUITES = ("image",)
+
+# Hyperparameters each objective uses in the image suite (its head sized to the micro backbone).
+IMAGE_HPARAMS = {
+    "mae": {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_width": 64,
+            "decoder_depth": 2, "decoder_heads": 4},
+}
+DEFAULT_STEPS = {"image": 1200}
+
+
+def suite_config(suite: str, objective: str, *, steps: int | None = None,
+                 tiny: bool = False) -> Config:
+    """The shared budget of a suite: same backbone, data, optimizer and steps for everyone."""
+    if suite not in SUITES:
+        raise ValueError(f"--suite: unknown {suite!r}; allowed: {SUITES}")
+    steps = steps or (4 if tiny else DEFAULT_STEPS[suite])
+    hparams = dict(IMAGE_HPARAMS.get(objective, {}))
+    if tiny:
+        hparams.update({k: v for k, v in {"decoder_width": 32, "decoder_depth": 1,
+                                          "decoder_heads": 2}.items() if k in hparams})
+    return config_lib.validate(Config(
+        model=ModelConfig(size="test" if tiny else "micro", patch_size=4),
+        objective={"name": objective, **hparams},
+        data=DataConfig(name="digits", batch_size=16 if tiny else 128),
+        optim=OptimConfig(lr=1.5e-3, warmup_steps=min(100, steps // 10), weight_decay=0.05),
+        steps=steps, log_every=max(1, min(50, steps // 4)),
+        checkpoint_every=steps, keep_checkpoints=1))
+
+
+def compare(suite: str = "image", out_dir: str = "compare", *, steps: int | None = None,
+            tiny: bool = False, only: tuple[str, ...] | None = None,
+            progress: bool = True) -> dict:
+    """Pretrains each objective of ``suite``, probes it and a random-init baseline.
+
+    Example::
+
+        results = zoo.compare("image", "/tmp/cmp", tiny=True)
+        results["rows"][0]   # {'objective': 'random-init', 'linear_probe': ..., 'knn': ...}
+    """
+    from zoo.probe import probe
+    from zoo.train import train
+
+    names = only or objectives.names(suite)
+    unknown = [n for n in names if n not in objectives.names(suite)]
+    if unknown:
+        raise ValueError(f"--only: {unknown[0]!r} is not a {suite} objective; "
+                         f"allowed: {objectives.names(suite)}")
+    os.makedirs(out_dir, exist_ok=True)
+    configs = {name: suite_config(suite, name, steps=steps, tiny=tiny) for name in names}
+    rows = []
+    baseline_config = next(iter(configs.values()))
+    rows.append({"objective": "random-init", "steps": 0, "final_loss": None,
+                 "train_seconds": 0.0, **_scores(probe(baseline_config, None))})
+    for name, cfg in configs.items():
+        cfg = dataclasses.replace(cfg, progress=progress)
+        workdir = os.path.join(out_dir, name)
+        start = time.perf_counter()
+        summary = train(cfg, workdir)
+        seconds = time.perf_counter() - start
+        rows.append({"objective": name, "steps": cfg.steps, "final_loss": summary.get("loss"),
+                     "train_seconds": round(seconds, 1), **_scores(probe(cfg, workdir))})
+    results = {"suite": suite, "dataset": baseline_config.data.name,
+               "model": dataclasses.asdict(baseline_config.model), "rows": rows}
+    write_results(results, out_dir)
+    return results
+
+
+def _scores(probe_result: dict) -> dict:
+    return {"linear_probe": probe_result["linear_probe"], "knn": probe_result["knn"]}
+
+
+def results_table(results: dict) -> str:
+    """A Markdown table of a comparison."""
+    lines = [f"Suite `{results['suite']}` on `{results['dataset']}`, ViT "
+             f"`{results['model']['size']}` / patch {results['model']['patch_size']}.",
+             "",
+             "| objective | steps | final loss | linear probe | k-NN | train s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        loss = "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
+        lines.append(f"| {row['objective']} | {row['steps']} | {loss} | "
+                     f"{100 * row['linear_probe']:.1f}% | {100 * row['knn']:.1f}% | "
+                     f"{row['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out_dir: str) -> None:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(results_table(results))
+    plot_results(results, os.path.join(out_dir, "results.png"))
+
+
+def plot_results(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = results["rows"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 3.5))
+    for offset, key, label in ((-0.2, "linear_probe", "linear probe"), (0.2, "knn", "k-NN")):
+        values = [100 * r[key] for r in rows]
+        bars = ax.bar(x + offset, values, width=0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(x, [r["objective"] for r in rows])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"zoo compare --suite {results['suite']} ({results['dataset']})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
