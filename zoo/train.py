@@ -120,7 +120,7 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     objective = make_objective(config)
     if data_spec is None:
         data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
-    if config.data.split not in data_spec.splits:
+    if data_spec.splits and config.data.split not in data_spec.splits:
         raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
                          f"allowed: {tuple(data_spec.splits)}")
     objective.validate(image_shape=data_spec.image_shape)

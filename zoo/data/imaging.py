@@ -24,7 +24,8 @@ def encode_png(image: np.ndarray) -> bytes:
     raise ValueError(f"expected uint8 (H, W, 1|3), got {image.dtype} {image.shape}")
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   buffer = io.BytesIO()
-  pil.save(buffer, format="png")
+  # Tiny images: fast compression costs little space (PNG stays lossless).
+  pil.save(buffer, format="png", compress_level=1)
   return buffer.getvalue()
 
 
@@ -38,9 +39,12 @@ def resize_float(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
 
 
-def crop_resize(image: np.ndarray, box: tuple[int, int, int, int],
+def crop_resize(image: Image.Image, box: tuple[int, int, int, int],
                 size: int) -> np.ndarray:
-  """Crops `box` = (left, top, right, bottom) of a uint8 RGB image to size^2.
+  """Crops `box` = (left, top, right, bottom) of a PIL image to uint8 size^2.
+
+  Takes a PIL image (convert each photo once: `Image.fromarray` of a big
+  photo per crop costs more than the resize).
 
   PIL widens its bicubic kernel by the reduction factor when shrinking, so
   this is an antialiased downscale (no moire from big crops), and `box`
@@ -48,8 +52,7 @@ def crop_resize(image: np.ndarray, box: tuple[int, int, int, int],
   factor with a box filter (PIL's docs: indistinguishable from the exact
   filter at 3), which makes big crops ~5x faster to prepare.
   """
-  pil = Image.fromarray(image)
-  out = pil.resize((size, size), Image.Resampling.BICUBIC, box=box,
+  out = image.resize((size, size), Image.Resampling.BICUBIC, box=box,
                    reducing_gap=3.0)
   return np.asarray(out, np.uint8)
 

@@ -31,6 +31,7 @@ _BUILDERS = {
     "photos": photos_dataset_builder.Builder,
 }
 _FILE_FORMAT = "array_record"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _bundled_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   builder = cls(config=config, data_dir=data_dir, file_format=_FILE_FORMAT)
   if builder.is_prepared():
     return builder
-  logging.info("Preparing %s/%s in %s (first use only).", base, config, data_dir)
+  log.info("Preparing %s/%s in %s (first use only).", base, config, data_dir)
   try:
     # TFDS writes everything into `incomplete.XXXXXX_<version>/` and renames it
     # at the end, so an interrupted preparation never looks complete.
@@ -147,6 +148,10 @@ def dataset_spec(name: str, *, data_dir: str | None = None,
   else:
     name = f"{builder.name}/{builder.builder_config.name}"  # Canonical.
   features = builder.info.features
+  for key in (image_key, label_key):
+    if key and key not in features:
+      raise ValueError(f"Dataset {name!r} has no feature {key!r}; features: "
+                       f"{', '.join(features)} (set image_key/label_key).")
   shape = tuple(features[image_key].shape)
   if len(shape) == 2:  # Some TFDS image features omit the channel axis.
     shape += (1,)
@@ -204,9 +209,17 @@ class ImageSource:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     indices = [int(i) for i in indices]
+    records = None
     getitems = getattr(self._data_source, "__getitems__", None)
-    records = (getitems(indices) if getitems else
-               [self._data_source[i] for i in indices])
+    if getitems is not None:
+      try:
+        records = getitems(indices)  # One array_record call for the batch.
+      except TypeError:
+        # tfds.testing.mock_data installs a `__getitems__` that cannot be
+        # called (tfds 4.9.10); per-item reads give the same records.
+        records = None
+    if records is None:
+      records = [self._data_source[i] for i in indices]
     return [self._convert(r) for r in records]
 
   def __repr__(self) -> str:

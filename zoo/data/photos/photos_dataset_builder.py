@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from zoo.data import imaging
@@ -103,8 +104,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for name in names:
       photo = load_photo(name)
       height, width = photo.shape[:2]
+      pil_photo = Image.fromarray(photo)
       for i in range(crops_per_photo):
-        crop = imaging.crop_resize(photo, crop_box(name, i, height, width), size)
+        box = crop_box(name, i, height, width)
+        crop = imaging.crop_resize(pil_photo, box, size)
         yield f"{name}/{i:04d}", {
             "image": imaging.encode_png(crop),
             "label": PHOTO_NAMES.index(name),
