@@ -128,10 +128,12 @@ class MAE(ImageObjective):
                              f"{length} patches; it must keep at least one and remove one")
 
     def make_heads(self, encoder, *, rngs, dtype=jnp.float32):
-        return MaeDecoder(encoder_width=encoder.width, width=self.decoder_width,
-                          depth=self.decoder_depth, num_heads=self.decoder_heads,
-                          grid=encoder.grid, patch_dim=encoder.patch_dim,
-                          has_cls=encoder.has_cls, rngs=rngs, dtype=dtype)
+        # Parameters keep their logical axes; building never needs a mesh (as zoo.models.get).
+        with nnx.use_eager_sharding(False):
+            return MaeDecoder(encoder_width=encoder.width, width=self.decoder_width,
+                              depth=self.decoder_depth, num_heads=self.decoder_heads,
+                              grid=encoder.grid, patch_dim=encoder.patch_dim,
+                              has_cls=encoder.has_cls, rngs=rngs, dtype=dtype)
 
     def prepare(self, batch, rng):
         patches = patchify(image_to_float(batch["image"]), self.patch_size)

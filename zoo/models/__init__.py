@@ -42,8 +42,12 @@ def get(name: str, **kwargs):
     if name not in KNOWN_MODELS:
         raise ValueError(f"model.name: unknown {name!r}; allowed: {KNOWN_MODELS}")
     size = size_of(kwargs.pop("size", "test"))
-    dims = {f.name: kwargs.pop(f.name, None) or getattr(size, f.name)
-            for f in dataclasses.fields(Size)}
+    dims = {}
+    for field in dataclasses.fields(Size):
+        value = kwargs.pop(field.name, None)
+        if value is not None and value <= 0:
+            raise ValueError(f"model.{field.name}: must be positive, got {value}")
+        dims[field.name] = getattr(size, field.name) if value is None else value
     # Parameters keep their logical-axis metadata; the trainer shards them with jit
     # out_shardings, so building a model never needs a mesh (notebooks, tests).
     with nnx.use_eager_sharding(False):
