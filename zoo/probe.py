@@ -83,7 +83,10 @@ def probe(config, workdir: str | None = None) -> dict[str, float]:
     from zoo.train import build, init_state
 
     experiment = build(config)
-    spec = zoo.data.dataset_spec(config.probe.dataset, data_dir=config.data.data_dir)
+    try:
+        spec = zoo.data.dataset_spec(config.probe.dataset, data_dir=config.data.data_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"probe.dataset: {error}") from None
     if tuple(spec.image_shape) != tuple(experiment.data_spec.image_shape):
         raise ValueError(f"probe.dataset: {config.probe.dataset!r} images are "
                          f"{spec.image_shape} but the encoder was built for "

@@ -103,7 +103,7 @@ def tree_shardings(tree, mesh, rules):
     def one(x):
         if isinstance(x, nnx.Variable):
             axes = x.get_metadata().get("out_sharding")
-            spec = (logical_to_spec(axes, rules, x.value.shape, mesh, what=str(axes))
+            spec = (logical_to_spec(axes, rules, x.get_value().shape, mesh, what=str(axes))
                     if axes else P())
             return x.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, P())
@@ -119,7 +119,10 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     config = config_lib.validate(config)
     objective = make_objective(config)
     if data_spec is None:
-        data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
+        try:
+            data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"data.name: {error}") from None
     if data_spec.splits and config.data.split not in data_spec.splits:
         raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
                          f"allowed: {tuple(data_spec.splits)}")
@@ -278,7 +281,10 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     """
     experiment = build(config, devices=devices)
     check_workdir(workdir, config)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"workdir: cannot create {workdir!r}: {error.strerror}") from None
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     source = zoo.data.get_source(config.data.name, config.data.split,
                                  data_dir=config.data.data_dir)
@@ -350,7 +356,7 @@ def _log(pending, state, step, timer_start, timer_steps, step_flops, peak, write
                              steps_s=f"{scalars.get('steps_per_sec', 0):.2f}",
                              mfu=f"{100 * scalars.get('mfu', 0):.1f}%")
     if first_bad >= 0 and config.nonfinite == "stop":
-        raise NonFiniteLossError(f"non-finite loss or gradient at step {int(first_bad)}; "
+        raise NonFiniteLossError(f"non-finite loss or gradient at step {int(first_bad) + 1}; "
                                  "stopping (nonfinite='stop'); that update was not applied")
     return scalars
 
