@@ -16,7 +16,7 @@ from flax import nnx
 
 from objectives.base import ImageObjective, image_to_float, patchify
 from zoo.flops import dense_flops, transformer_flops
-from zoo.models.layers import TransformerStack, dense
+from zoo.models.layers import TransformerStack, dense, param
 from zoo.models.posemb import sincos_2d
 
 NORM_PIX_EPS = 1e-6
@@ -72,8 +72,8 @@ class MaeDecoder(nnx.Module):
         self.width = width
         self.has_cls = has_cls
         self.embed = dense(encoder_width, width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
-        self.mask_token = nnx.Param(init(rngs.params(), (1, 1, width)))
+        self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, width),
+                                (None, None, "embed"))
         self.decoder = TransformerStack(width, depth, num_heads, 4 * width, rngs=rngs,
                                         dtype=dtype)
         self.pred = dense(width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype)
@@ -128,12 +128,10 @@ class MAE(ImageObjective):
                              f"{length} patches; it must keep at least one and remove one")
 
     def make_heads(self, encoder, *, rngs, dtype=jnp.float32):
-        # Parameters keep their logical axes; building never needs a mesh (as zoo.models.get).
-        with nnx.use_eager_sharding(False):
-            return MaeDecoder(encoder_width=encoder.width, width=self.decoder_width,
-                              depth=self.decoder_depth, num_heads=self.decoder_heads,
-                              grid=encoder.grid, patch_dim=encoder.patch_dim,
-                              has_cls=encoder.has_cls, rngs=rngs, dtype=dtype)
+        return MaeDecoder(encoder_width=encoder.width, width=self.decoder_width,
+                          depth=self.decoder_depth, num_heads=self.decoder_heads,
+                          grid=encoder.grid, patch_dim=encoder.patch_dim,
+                          has_cls=encoder.has_cls, rngs=rngs, dtype=dtype)
 
     def prepare(self, batch, rng):
         patches = patchify(image_to_float(batch["image"]), self.patch_size)

@@ -89,13 +89,12 @@ def create_model(config: config_lib.Config, objective: objectives.Objective,
     m = config.model
     dtype = config_lib.DTYPES[m.dtype]
     grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)
-    with nnx.use_eager_sharding(False):
-        encoder = zoo.models.get(
-            m.name, size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-            mlp_dim=m.mlp_dim, grid=grid, patch_dim=m.patch_size**2 * image_shape[2],
-            posemb=m.posemb, cls_token=m.cls_token, dtype=dtype, rngs=rngs)
-        heads = objective.make_heads(encoder, rngs=rngs, dtype=dtype)
-        return zoo.models.PretrainModel(encoder, heads)
+    encoder = zoo.models.get(
+        m.name, size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+        mlp_dim=m.mlp_dim, grid=grid, patch_dim=m.patch_size**2 * image_shape[2],
+        posemb=m.posemb, cls_token=m.cls_token, dtype=dtype, rngs=rngs)
+    heads = objective.make_heads(encoder, rngs=rngs, dtype=dtype)
+    return zoo.models.PretrainModel(encoder, heads)
 
 
 def tree_shardings(tree, mesh, rules):

@@ -48,10 +48,7 @@ def get(name: str, **kwargs):
         if value is not None and value <= 0:
             raise ValueError(f"model.{field.name}: must be positive, got {value}")
         dims[field.name] = getattr(size, field.name) if value is None else value
-    # Parameters keep their logical-axis metadata; the trainer shards them with jit
-    # out_shardings, so building a model never needs a mesh (notebooks, tests).
-    with nnx.use_eager_sharding(False):
-        return ViT(**dims, **kwargs)
+    return ViT(**dims, **kwargs)
 
 
 class PretrainModel(nnx.Module):

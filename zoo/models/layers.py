@@ -14,22 +14,37 @@ from zoo.mesh import shard_activation
 LN_EPS = 1e-6  # MAE/timm use LayerNorm(eps=1e-6)
 
 
+# Flax 0.12 shards annotated parameters eagerly, which needs a mesh at construction time. Ours
+# keep their logical axes as metadata instead and the trainer shards them with
+# jit(out_shardings=...), so modules build anywhere: notebooks, tests, eval_shape.
+def _lazy_sharding():
+    return nnx.use_eager_sharding(False)
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    """A float32 parameter with logical axis names, e.g. a cls token ``(None, None, "embed")``."""
+    with _lazy_sharding():
+        return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
+
+
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
           rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
     """A Linear layer with xavier-uniform kernel and zero bias (MAE's ``_init_weights``)."""
-    return nnx.Linear(
-        in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
-        kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
-        rngs=rngs)
+    with _lazy_sharding():
+        return nnx.Linear(
+            in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+            kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+            rngs=rngs)
 
 
 def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        width, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
-        rngs=rngs)
+    with _lazy_sharding():
+        return nnx.LayerNorm(
+            width, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
+            scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+            rngs=rngs)
 
 
 class Attention(nnx.Module):

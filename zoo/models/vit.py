@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.models.layers import TransformerStack, dense
+from zoo.models.layers import TransformerStack, dense, param
 from zoo.models.posemb import sincos_2d
 
 POSEMB_KINDS = ("sincos2d", "learn", "none")
@@ -41,12 +41,12 @@ class ViT(nnx.Module):
         self.dtype = dtype
         self.patch_embed = dense(patch_dim, width, ("patch", "embed"), rngs=rngs, dtype=dtype)
         if posemb == "learn":
-            init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
-            self.posemb = nnx.Param(init(rngs.params(), (self.num_patches, width)))
+            self.posemb = param(rngs, nnx.initializers.normal(0.02),
+                                (self.num_patches, width), (None, "embed"))
         self.has_cls = cls_token
         if cls_token:
-            init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
-            self.cls = nnx.Param(init(rngs.params(), (1, 1, width)))
+            self.cls = param(rngs, nnx.initializers.normal(0.02), (1, 1, width),
+                             (None, None, "embed"))
         self.encoder = TransformerStack(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
 
     def position_embeddings(self) -> jax.Array | None:
