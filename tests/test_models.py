@@ -226,3 +226,20 @@ def test_bfloat16_compute_keeps_float32_params():
     assert out.dtype == jnp.bfloat16 and out.shape == (2, L, PATCH_DIM)
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
     assert features.dtype == jnp.float32
+
+
+def test_attention_matches_jax_reference_attention():
+    # Our heads-major attention must equal jax.nn.dot_product_attention on the same q, k, v.
+    from zoo.models.layers import Attention
+    width, heads = 32, 4
+    attn = Attention(width, heads, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(0), (2, 7, width))
+    qkv = attn.qkv(x).reshape(2, 7, 3, heads, width // heads)
+    causal = jnp.tril(jnp.ones((7, 7), bool))
+    for mask in (None, causal):
+        expected = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                                mask=mask)
+        expected = attn.proj(expected.reshape(2, 7, width))
+        np.testing.assert_allclose(attn(x, mask), expected, atol=1e-5, rtol=1e-5)
+    # The causal mask changes the first token's output (it may only see itself).
+    assert not np.allclose(attn(x, causal)[:, 0], attn(x)[:, 0])

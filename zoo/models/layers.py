@@ -58,11 +58,19 @@ class Attention(nnx.Module):
         self.proj = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``mask`` (optional, bool, broadcastable to [B, heads, L, L]) is True where allowed."""
         batch, length, width = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return self.proj(out.reshape(batch, length, width))
+        head_dim = width // self.num_heads
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
+        # Heads-major layout [3, B, H, L, D]: on XLA:CPU this is ~10% faster for the whole MAE
+        # step than jax.nn.dot_product_attention's [B, L, H, D] einsums (bench_mae).
+        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        return self.proj(jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, width))
 
 
 class Mlp(nnx.Module):
