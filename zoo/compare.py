@@ -56,6 +56,8 @@ def compare(suite: str = "image", out_dir: str = "compare", *, steps: int | None
     from zoo.probe import probe
     from zoo.train import train
 
+    if suite not in SUITES:
+        raise ValueError(f"--suite: unknown {suite!r}; allowed: {SUITES}")
     names = only or objectives.names(suite)
     unknown = [n for n in names if n not in objectives.names(suite)]
     if unknown:

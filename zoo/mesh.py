@@ -51,6 +51,11 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> jax.sharding.Mes
         if len(devices) % fixed:
             raise ValueError(f"mesh: fixed axis sizes {sizes} do not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // fixed
+    if -1 not in [int(size) for _, size in axes] and math.prod(sizes) < len(devices) \
+            and jax.process_count() == 1:
+        # An explicit smaller mesh on one host (e.g. a 1-device run) uses the first devices.
+        log.info("mesh: using %d of %d devices", math.prod(sizes), len(devices))
+        devices = devices[:math.prod(sizes)]
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh: sizes {dict(zip(names, sizes))} need {math.prod(sizes)} devices, "
                          f"{len(devices)} are available")

@@ -324,8 +324,10 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                     last_metrics = _log(pending, state, done, timer_start, timer_steps,
                                         experiment.step_flops, peak, writer, progress, config)
                     pending = []
+                    timer_start, timer_steps = time.perf_counter(), 0  # per-interval speed
                 if done % config.checkpoint_every == 0 or is_last:
                     checkpointer.save(done, state, batches.get_state())
+                    timer_start, timer_steps = time.perf_counter(), 0  # saving is not training
                 if progress is not None:
                     progress.update(1)
                 if done == stop_at:
