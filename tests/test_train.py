@@ -454,3 +454,20 @@ def test_checkpointer_refuses_nonfinite_params(tmp_path):
         assert checkpointer.latest_step() == 1
     finally:
         checkpointer.close()
+
+
+def test_bfloat16_compute_keeps_float32_params(two_steps):
+    # Same init and first batch as the float32 1-device run, computed in bfloat16.
+    one = two_steps["one"]
+    config = tiny_config(f"mesh={ONE_DEVICE_MESH!r}", "model.dtype='bfloat16'")
+    experiment = zoo.train.build(config, devices=jax.devices()[:1])
+    state = zoo.train.init_state(experiment)
+    step = zoo.train.make_train_step(experiment)
+    with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
+        state, metrics = step(state, one["batch"])
+    loss = float(metrics["loss"])
+    assert np.isfinite(loss)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    f32_loss = float(one["metrics"][0]["loss"])
+    assert abs(loss - f32_loss) < 0.05 * abs(f32_loss), (loss, f32_loss)
+    assert loss != f32_loss   # it really computed in bfloat16

@@ -21,7 +21,7 @@ IMAGE_HPARAMS = {
     "mae": {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_width": 64,
             "decoder_depth": 2, "decoder_heads": 4},
 }
-DEFAULT_STEPS = {"image": 1200}
+DEFAULT_STEPS = {"image": 1000}
 
 
 def suite_config(suite: str, objective: str, *, steps: int | None = None,
@@ -125,9 +125,9 @@ def plot_results(results: dict, path: str) -> None:
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(x, [r["objective"] for r in rows])
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)
     ax.set_title(f"zoo compare --suite {results['suite']} ({results['dataset']})")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

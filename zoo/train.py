@@ -64,6 +64,7 @@ class Experiment:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     forward_flops: float             # model FLOPs of one example's forward pass
+    init_fn: Any = None              # () -> TrainState, unsharded; see init_state
 
     @property
     def step_flops(self) -> float:
@@ -153,16 +154,14 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    experiment = Experiment(config, objective, data_spec, mesh, graphdef, abstract_state,
-                            shardings, tx, schedule, objective.forward_flops(abstract_model))
-    experiment._init = init  # noqa: SLF001 (kept for init_state)
-    return experiment
+    return Experiment(config, objective, data_spec, mesh, graphdef, abstract_state, shardings,
+                      tx, schedule, objective.forward_flops(abstract_model), init_fn=init)
 
 
 def init_state(experiment: Experiment) -> TrainState:
     """Creates the train state directly in its sharded layout (no host copy of the model)."""
     with jax.set_mesh(experiment.mesh):
-        return jax.jit(experiment._init, out_shardings=experiment.state_shardings)()
+        return jax.jit(experiment.init_fn, out_shardings=experiment.state_shardings)()
 
 
 # ---------------------------------------------------------------------------------------------
