@@ -18,3 +18,22 @@ def data_dir(tmp_path_factory):
     path = os.environ.get("ZOO_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("zoo_data"))
     os.environ["ZOO_DATA_DIR"] = path
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+    """A persistent compilation cache for this session: identical train steps compiled by
+    several tests (same config, same mesh) are compiled once. Restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+    options = {"jax_compilation_cache_dir":
+                   str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"),
+               "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": -1}
+    old = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield options["jax_compilation_cache_dir"]
+    for name, value in old.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()

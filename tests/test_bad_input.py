@@ -10,7 +10,6 @@ import os
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import zoo.config
 import zoo.train
@@ -20,23 +19,6 @@ ONE_DEVICE_MESH = (("data", 1), ("fsdp", 1), ("tensor", 1))
 # the session's compilation cache when both files run.
 CONFIG = ("steps=6", "log_every=1", "checkpoint_every=3", "keep_checkpoints=1",
           "progress=False", "peak_flops=1e12")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-    """A persistent compilation cache shared by this session's train tests (restored after)."""
-    options = {"jax_compilation_cache_dir":
-                   str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"),
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": -1}
-    old = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def tiny_config(*overrides: str) -> zoo.config.Config:

@@ -20,9 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import objectives
 import zoo.config
@@ -39,23 +37,6 @@ BASE = ["pretrain", "--config", TINY, "--set", ONE_DEVICE_MESH]
 PRETRAIN = [*BASE, "--set", "progress=False"]
 COMMANDS = ("pretrain", "probe", "compare", "peak", "bench")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-    """The session's persistent compilation cache (as in test_train.py), restored after."""
-    options = {"jax_compilation_cache_dir":
-                   str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"),
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": -1}
-    old = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

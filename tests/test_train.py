@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 import objectives.mae
 import zoo.config
@@ -45,23 +44,6 @@ CONFIG = ("steps=6", "log_every=1", "checkpoint_every=3", "keep_checkpoints=1",
 # "micro" ViT). A factor-2 slip in the analytic count (multiply-add counted once, backward as
 # 1x forward, the encoder run over all tokens, the decoder forgotten) lands outside this band.
 FLOPS_RATIO_BAND = (0.8, 1.2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-    """A persistent compilation cache shared by this session's train tests (restored after)."""
-    options = {"jax_compilation_cache_dir":
-                   str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"),
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": -1}
-    old = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield options["jax_compilation_cache_dir"]
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def tiny_config(*overrides: str) -> zoo.config.Config:

@@ -309,7 +309,8 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     timer_start, timer_steps = None, 0
     try:
         with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-            for step in range(start, config.steps):
+            end = config.steps if stop_at is None else min(config.steps, stop_at)
+            for step in range(start, end):
                 state, metrics = step_fn(state, global_batch(experiment, next(batches)))
                 pending.append(metrics)
                 done = step + 1
@@ -318,7 +319,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                     timer_start, timer_steps = time.perf_counter(), 0
                 else:
                     timer_steps += 1
-                is_last = done == config.steps or done == stop_at
+                is_last = done == end
                 if done % config.log_every == 0 or is_last:
                     last_metrics = _log(pending, state, done, timer_start, timer_steps,
                                         experiment.step_flops, peak, writer, progress, config)
@@ -329,8 +330,6 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                     timer_start, timer_steps = time.perf_counter(), 0  # saving is not training
                 if progress is not None:
                     progress.update(1)
-                if done == stop_at:
-                    break
     finally:
         writer.close()
         checkpointer.close()
