@@ -61,12 +61,10 @@ class Objective:
     def loss(self, outputs: Any, targets: Any) -> tuple[jax.Array, Metrics]:
         raise NotImplementedError
 
-    def forward_flops(self, model: nnx.Module) -> float:
-        """Model FLOPs of one example's forward pass (multiply-adds count 2)."""
-        raise NotImplementedError
-
-    def hparams(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def forward_flops(self, model: nnx.Module) -> float | None:
+        """Model FLOPs of one example's forward pass (multiply-adds count 2); None if unknown,
+        in which case MFU is not reported."""
+        return None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

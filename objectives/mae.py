@@ -115,6 +115,9 @@ class MAE(ImageObjective):
     def __post_init__(self):
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"objective.mask_ratio: must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_width % 4:
+            raise ValueError(f"objective.decoder_width: {self.decoder_width} must be a multiple "
+                             "of 4 (fixed 2-D sin-cos decoder position embeddings)")
         if self.decoder_width % self.decoder_heads:
             raise ValueError(f"objective.decoder_width: {self.decoder_width} is not divisible "
                              f"by decoder_heads={self.decoder_heads}")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 
 import jax
 import pytest
@@ -179,13 +180,37 @@ def test_workdir_of_a_different_config_is_left_untouched(data_dir, tmp_path):
 def test_workdir_accepts_a_resumable_change(data_dir, tmp_path):
     # The check compares only fields that change what a step computes: more steps may resume.
     workdir = str(tmp_path / "run")
-    os.makedirs(workdir)
+    os.makedirs(os.path.join(workdir, "checkpoints", "6"))   # a complete checkpoint at step 6
     config = tiny_config(f"mesh={ONE_DEVICE_MESH!r}")
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(zoo.config.to_dict(config), f)
     zoo.train.check_workdir(workdir, zoo.config.override(config, ["steps=60", "log_every=5"]))
     with pytest.raises(ValueError, match=r"optim\.lr"):
         zoo.train.check_workdir(workdir, zoo.config.override(config, ["optim.lr=0.5"]))
+    with pytest.raises(ValueError, match=r"^steps: 4 is below"):
+        zoo.train.check_workdir(workdir, zoo.config.override(config, ["steps=4"]))
+
+
+def test_config_left_by_a_run_that_failed_before_its_first_checkpoint_is_replaced(
+        data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    stale = zoo.config.override(tiny_config(), ["objective.decoder_width=36"])
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(zoo.config.to_dict(stale), f)
+    zoo.train.check_workdir(workdir, tiny_config())   # no checkpoint: nothing to protect
+
+
+@pytest.mark.parametrize("assignment, field", [
+    ("steps=6.5", "steps"), ("optim.lr='fast'", "optim.lr"), ("progress=1", "progress"),
+    ("mesh=(('data',-1),)", None)])
+def test_wrongly_typed_or_partial_settings(data_dir, tmp_path, assignment, field):
+    if field is None:   # a mesh without fsdp/tensor axes is valid: the batch rule skips them
+        config = zoo.config.override(tiny_config(), [assignment, "steps=1"])
+        zoo.train.train(config, str(tmp_path / "run"))
+        return
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: expected"):
+        zoo.config.override(tiny_config(), [assignment])
 
 
 def test_unwritable_workdir(data_dir, tmp_path):

@@ -444,3 +444,8 @@ def test_defaults_match_reference():
     assert (obj.mask_ratio, obj.norm_pix_loss) == (0.75, False)
     assert (obj.decoder_width, obj.decoder_depth, obj.decoder_heads) == (512, 8, 16)
     assert hash(obj) == hash(objectives.get("mae"))    # hashable: safe to close over in jit
+
+
+def test_decoder_width_must_suit_sincos_positions():
+    with pytest.raises(ValueError, match=r"^objective\.decoder_width: 34 must be a multiple of 4"):
+        objectives.get("mae", decoder_width=34, decoder_heads=2)

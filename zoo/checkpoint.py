@@ -27,9 +27,10 @@ def _all_finite(tree) -> jax.Array:
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
 
-    def __init__(self, directory: str, keep: int = 3):
+    def __init__(self, directory: str, keep: int = 3, *, create: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                               read_only=not create,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

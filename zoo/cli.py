@@ -38,8 +38,10 @@ def _probe(args) -> None:
     for name, scores in result.items():
         print(f"{name:>12}: linear probe {100 * scores['linear_probe']:.1f}%  "
               f"k-NN {100 * scores['knn']:.1f}%  (step {scores['step']})")
-    with open(os.path.join(args.workdir, "probe.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    import jax
+    if jax.process_index() == 0:
+        with open(os.path.join(args.workdir, "probe.json"), "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def _compare(args) -> None:

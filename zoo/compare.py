@@ -10,6 +10,8 @@ import json
 import os
 import time
 
+import jax
+
 import objectives
 from zoo import config as config_lib
 from zoo.config import Config, DataConfig, ModelConfig, OptimConfig
@@ -43,7 +45,7 @@ def suite_config(suite: str, objective: str, *, steps: int | None = None,
         checkpoint_every=steps, keep_checkpoints=1))
 
 
-def compare(suite: str = "image", out_dir: str = "compare", *, steps: int | None = None,
+def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | None = None,
             tiny: bool = False, only: tuple[str, ...] | None = None,
             progress: bool = True) -> dict:
     """Pretrains each objective of ``suite``, probes it and a random-init baseline.
@@ -79,7 +81,8 @@ def compare(suite: str = "image", out_dir: str = "compare", *, steps: int | None
                      "train_seconds": round(seconds, 1), **_scores(probe(cfg, workdir))})
     results = {"suite": suite, "dataset": baseline_config.data.name,
                "model": dataclasses.asdict(baseline_config.model), "rows": rows}
-    write_results(results, out_dir)
+    if jax.process_index() == 0:
+        write_results(results, out_dir)
     return results
 
 

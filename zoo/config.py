@@ -10,6 +10,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -175,12 +177,32 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
     return diffs
 
 
+def _check_scalar(name: str, value, hint):
+    """Checks int/float/bool/str fields (optionally None); returns the value (ints -> float)."""
+    if typing.get_origin(hint) not in (None, typing.Union, types.UnionType):
+        return value   # containers (objective dict, mesh tuples) are checked elsewhere
+    args = set(typing.get_args(hint)) or {hint}
+    if value is None and type(None) in args:
+        return value
+    for kind in (bool, int, float, str):
+        if kind in args:
+            ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                  or (kind is float and isinstance(value, int) and not isinstance(value, bool)))
+            if ok:
+                return float(value) if kind is float else value
+            if not any(k in args for k in (bool, int, float, str) if k is not kind):
+                raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
 def _build(cls, values: Mapping[str, Any], prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             raise ValueError(f"config: unknown field {prefix + key!r}; allowed: {sorted(fields)}")
+        value = _check_scalar(prefix + key, value, hints[key])
         sub = _SUBCONFIGS.get(key) if cls is Config else None
         if sub is not None and isinstance(value, Mapping):
             value = _build(sub, value, prefix=f"{key}.")

@@ -65,7 +65,7 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None) -> jax.sharding.Mes
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
-    """Number of ways the batch dimension is split."""
+    """Number of ways the batch dimension is split (axes missing from the mesh count as 1)."""
     return _mesh_axes_size(mesh, _lookup(rules, "batch"))
 
 
@@ -112,7 +112,8 @@ def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Ar
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of a batch array: leading dim over the data-parallel axes, rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules,
+                                               mesh=mesh))
 
 
 def _lookup(rules, name):

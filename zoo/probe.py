@@ -6,6 +6,8 @@ cosine-similarity vote weighted by exp(sim / 0.07), as in DINO's ``eval_knn``.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +97,9 @@ def probe(config, workdir: str | None = None) -> dict[str, float]:
     if workdir is None:
         state = init_state(experiment)
     else:
-        checkpointer = Checkpointer(f"{workdir}/checkpoints")
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise ValueError(f"workdir: {workdir!r} has no checkpoint to probe")
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
         step = checkpointer.latest_step()
         if step is None:
             raise ValueError(f"workdir: {workdir!r} has no checkpoint to probe")

@@ -35,7 +35,7 @@ from zoo import config as config_lib
 from zoo.checkpoint import Checkpointer
 from zoo.flops import measure_matmul_peak, train_step_flops
 from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
-from zoo.metric_writer import MetricWriter
+from zoo.metric_writer import MetricWriter, read_metrics
 from zoo.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,13 @@ class Experiment:
     state_shardings: TrainState
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    forward_flops: float             # model FLOPs of one example's forward pass
+    forward_flops: float | None      # model FLOPs of one example's forward pass, if known
     init_fn: Any = None              # () -> TrainState, unsharded; see init_state
 
     @property
-    def step_flops(self) -> float:
+    def step_flops(self) -> float | None:
+        if self.forward_flops is None:
+            return None
         return train_step_flops(self.forward_flops, self.config.data.batch_size)
 
 
@@ -123,7 +125,10 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
             data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
         except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"data.name: {error}") from None
-    if data_spec.splits and config.data.split not in data_spec.splits:
+    if None in tuple(data_spec.image_shape):
+        raise ValueError(f"data.name: {config.data.name!r} has variable-size images "
+                         f"{tuple(data_spec.image_shape)}; zoo needs fixed-size images")
+    if data_spec.splits and config.data.split.split("[")[0] not in data_spec.splits:
         raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
                          f"allowed: {tuple(data_spec.splits)}")
     objective.validate(image_shape=data_spec.image_shape)
@@ -230,15 +235,41 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def completed_checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in a workdir (orbax renames a step dir into place only
+    once it is fully written, so half-written ones are not listed)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def check_workdir(workdir: str, config: config_lib.Config) -> None:
-    """Refuses a workdir written by a different config (before anything is written)."""
+    """Refuses a workdir whose checkpoints come from a different config (before any write).
+
+    A ``config.json`` without checkpoints (a run that failed before its first checkpoint) is
+    replaced by the new run's.
+    """
     path = os.path.join(workdir, "config.json")
     if os.path.exists(workdir) and not os.access(workdir, os.W_OK):
         raise ValueError(f"workdir: {workdir!r} is not writable")
-    if not os.path.exists(path):
+    steps = completed_checkpoint_steps(workdir)
+    if not steps:
         return
-    with open(path) as f:
-        old = json.load(f)
+    if steps[-1] > config.steps:
+        raise ValueError(f"steps: {config.steps} is below the latest checkpoint's step "
+                         f"{steps[-1]} in {workdir!r}")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir: {workdir!r} has checkpoints but no config.json; "
+                         "use a new --workdir")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except json.JSONDecodeError:
+        raise ValueError(f"workdir: {workdir!r} has an unreadable config.json") from None
+    if old.get("steps") != config.steps:
+        log.warning("steps changed from %s to %s: the learning-rate schedule is stretched to "
+                    "the new total from the next step on", old.get("steps"), config.steps)
     diffs = config_lib.differences(old, config_lib.to_dict(config))
     if diffs:
         field = diffs[0]
@@ -254,13 +285,20 @@ def _lookup(tree, dotted):
     return tree
 
 
-def peak_flops(config: config_lib.Config) -> float:
+def peak_flops(config: config_lib.Config, mesh: jax.sharding.Mesh) -> float:
     """The MFU denominator: from the config, else a matmul measured on this machine."""
     if config.peak_flops:
         return float(config.peak_flops)
     per_device = measure_matmul_peak()
     # Simulated CPU devices share the same cores, so the host's peak is one device's.
-    return per_device if jax.devices()[0].platform == "cpu" else per_device * jax.device_count()
+    return per_device if jax.devices()[0].platform == "cpu" else per_device * mesh.size
+
+
+def _write_json_atomically(path: str, value) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
 
 
 def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None,
@@ -296,12 +334,11 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         log.info("resumed from step %d in %s", latest, workdir)
     else:
         state = init_state(experiment)
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                json.dump(config_lib.to_dict(config), f, indent=2)
+    if jax.process_index() == 0:   # the steps field may have grown; everything else matches
+        _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     start = int(state.step)
     step_fn = make_train_step(experiment)
-    peak = peak_flops(config)
+    peak = peak_flops(config, experiment.mesh)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     progress = _progress(config, start)
     last_metrics: dict[str, float] = {}
@@ -326,6 +363,8 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                     pending = []
                     timer_start, timer_steps = time.perf_counter(), 0  # per-interval speed
                 if done % config.checkpoint_every == 0 or is_last:
+                    if config.nonfinite == "stop":   # never checkpoint past a bad step
+                        _raise_if_nonfinite(int(state.first_nonfinite_step))
                     checkpointer.save(done, state, batches.get_state())
                     timer_start, timer_steps = time.perf_counter(), 0  # saving is not training
                 if progress is not None:
@@ -335,6 +374,10 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         checkpointer.close()
         if progress is not None:
             progress.close()
+    if not last_metrics:   # nothing left to train: report the run's last logged metrics
+        records = read_metrics(workdir)
+        last_metrics = {k: v for k, v in records[-1].items() if k not in ("step", "time")} \
+            if records else {}
     return {"workdir": workdir, "step": int(state.step), **last_metrics}
 
 
@@ -343,21 +386,31 @@ def _log(pending, state, step, timer_start, timer_steps, step_flops, peak, write
     """Fetches the metrics of the last interval (one transfer) and writes their means."""
     fetched, first_bad, bad_count = jax.device_get(
         (pending, state.first_nonfinite_step, state.nonfinite_steps))
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    # Means over the applied updates only: one skipped NaN step must not hide the interval.
+    applied = [m for m in fetched if not m["skipped"]] or fetched
+    scalars = {k: float(np.mean([m[k] for m in applied])) for k in fetched[0]}
+    scalars["skipped"] = float(np.mean([m["skipped"] for m in fetched]))
     scalars["nonfinite_steps"] = float(bad_count)
     elapsed = time.perf_counter() - timer_start
     if timer_steps > 0 and elapsed > 0:
         scalars["steps_per_sec"] = timer_steps / elapsed
-        scalars["mfu"] = scalars["steps_per_sec"] * step_flops / peak
+        if step_flops:
+            scalars["mfu"] = scalars["steps_per_sec"] * step_flops / peak
     writer.write(step, scalars)
     if progress is not None:
         progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                              steps_s=f"{scalars.get('steps_per_sec', 0):.2f}",
                              mfu=f"{100 * scalars.get('mfu', 0):.1f}%")
-    if first_bad >= 0 and config.nonfinite == "stop":
-        raise NonFiniteLossError(f"non-finite loss or gradient at step {int(first_bad) + 1}; "
-                                 "stopping (nonfinite='stop'); that update was not applied")
+    if config.nonfinite == "stop":
+        _raise_if_nonfinite(int(first_bad))
     return scalars
+
+
+def _raise_if_nonfinite(first_bad: int) -> None:
+    """``first_bad`` is the 0-based step index (-1: none); messages count steps from 1."""
+    if first_bad >= 0:
+        raise NonFiniteLossError(f"non-finite loss or gradient at step {first_bad + 1}; "
+                                 "stopping (nonfinite='stop'); that update was not applied")
 
 
 def _progress(config, start):

@@ -31,6 +31,9 @@ class ViT(nnx.Module):
                  cls_token: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
         if posemb not in POSEMB_KINDS:
             raise ValueError(f"model.posemb: unknown {posemb!r}; allowed: {POSEMB_KINDS}")
+        if posemb == "sincos2d" and width % 4:
+            raise ValueError(f"model.width: {width} must be a multiple of 4 with posemb="
+                             "'sincos2d'")
         self.grid = tuple(grid)
         self.patch_dim = patch_dim
         self.width = width
