@@ -312,11 +312,11 @@ POISONED_BATCH = 3   # 0-based global batch: the update logged as step 4 (lr > 0
 BAD_STEP = POISONED_BATCH + 1   # as metrics.jsonl and checkpoints number it
 
 
-def _run_with_a_nan_batch(tmp_path_factory, nonfinite: str):
+def _run_with_a_nan_batch(tmp_path_factory, nonfinite: str, *overrides: str):
     """Trains 6 steps where global batch ``POISONED_BATCH`` is all white and makes the MAE loss
     (and so every gradient) NaN; returns the config, workdir and the error raised, if any."""
     config = tiny_config("checkpoint_every=1", "keep_checkpoints=6", f"nonfinite={nonfinite!r}",
-                         f"mesh={ONE_DEVICE_MESH!r}")
+                         f"mesh={ONE_DEVICE_MESH!r}", *overrides)
     workdir = str(tmp_path_factory.mktemp(f"nonfinite_{nonfinite}"))
     original_next = zoo.data.iterator.BatchIterator.__next__
     original_loss = objectives.mae.mae_loss
@@ -414,6 +414,23 @@ def test_nonfinite_stop_message_names_the_step(stop_run):
     assert steps_named == [BAD_STEP], (
         f"message names step(s) {steps_named}, but metrics.jsonl logs the NaN loss at step "
         f"{BAD_STEP}: {message!r}")
+
+
+def test_sparse_logging_stop_still_checkpoints_nothing_past_the_bad_step(data_dir,
+                                                                         tmp_path_factory):
+    # Logs at steps 3 and 6, checkpoints at 5: the bad step 4 must stop the run before step 5's
+    # checkpoint although no log step comes in between.
+    run = _run_with_a_nan_batch(tmp_path_factory, "stop", "log_every=3", "checkpoint_every=5")
+    assert isinstance(run["error"], zoo.train.NonFiniteLossError)
+    assert f"step {BAD_STEP};" in str(run["error"])
+    assert sorted(run["states"]) == []
+    # ... and with skip, the interval holding the skipped step logs the applied steps' mean.
+    run = _run_with_a_nan_batch(tmp_path_factory, "skip", "log_every=3", "checkpoint_every=5")
+    record = run["metrics"][6]
+    assert np.isfinite(record["loss"]) and record["skipped"] == pytest.approx(1 / 3)
+    # Re-running a finished run trains nothing and reports the last logged metrics.
+    summary = zoo.train.train(run["config"], run["workdir"], devices=jax.devices()[:1])
+    assert summary["step"] == 6 and summary["loss"] == record["loss"]
 
 
 def test_checkpointer_refuses_nonfinite_params(tmp_path):
