@@ -75,6 +75,8 @@ def evaluate_encoder(encoder, patch_size: int, train: tuple[np.ndarray, np.ndarr
 def probe(config, workdir: str | None = None) -> dict[str, float]:
     """Probes the encoder of ``workdir``'s latest checkpoint, or a random init if None.
 
+    Single-host: features are computed from host arrays and fetched to this host.
+
     Example::
 
         zoo.probe(zoo.config.load("experiments/mae_digits.py:tiny"), "/tmp/mae")
