@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import re
 
@@ -14,6 +13,7 @@ import pytest
 
 import zoo.config
 import zoo.train
+from compile_log import NoCompilation
 
 ONE_DEVICE_MESH = (("data", 1), ("fsdp", 1), ("tensor", 1))
 # The same config as tests/test_train.py's 1-device run, so the one real run here is served by
@@ -25,34 +25,6 @@ CONFIG = ("steps=6", "log_every=1", "checkpoint_every=3", "keep_checkpoints=1",
 def tiny_config(*overrides: str) -> zoo.config.Config:
     config = zoo.config.load("experiments/mae_digits.py:tiny")
     return zoo.config.override(config, [*CONFIG, *overrides])
-
-
-class NoCompilation(logging.Handler):
-    """Fails the test if XLA compiles anything inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.compiled: list[str] = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith(("Compiling ", "Finished XLA compilation")):
-            self.compiled.append(message)
-
-    def __enter__(self):
-        self._logger = logging.getLogger("jax")
-        self._old_level = self._logger.level
-        self._logger.setLevel(logging.WARNING)
-        self._logger.addHandler(self)
-        self._log_compiles = jax.log_compiles(True)
-        self._log_compiles.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._log_compiles.__exit__(*exc)
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._old_level)
-        assert not self.compiled, f"compiled before rejecting the input: {self.compiled}"
 
 
 def assert_rejected(config, workdir, *, names: tuple[str, ...], devices=None) -> str:

@@ -12,7 +12,6 @@ Each compilation of the train step costs 10-25 s on two CPU cores, so:
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import warnings
@@ -31,6 +30,7 @@ import zoo.train
 from zoo.checkpoint import Checkpointer, NonFiniteParamsError
 from zoo.flops import compiled_flops
 from zoo.metric_writer import read_metrics
+from compile_log import CompileLog
 
 ONE_DEVICE_MESH = (("data", 1), ("fsdp", 1), ("tensor", 1))
 FSDP_MESH = (("data", 4), ("fsdp", 2), ("tensor", 1))   # all 8 simulated devices
@@ -50,36 +50,6 @@ def tiny_config(*overrides: str) -> zoo.config.Config:
     """The tiny MAE config plus ``CONFIG``, without progress bars or the matmul-peak run."""
     config = zoo.config.load("experiments/mae_digits.py:tiny")
     return zoo.config.override(config, [*CONFIG, *overrides])
-
-
-class CompileLog(logging.Handler):
-    """Collects jax's "Compiling <fun> ..." log lines (emitted under ``jax.log_compiles()``)."""
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("Compiling "):
-            self.messages.append(message)
-
-    def count(self, fun_name: str) -> int:
-        return sum(m.startswith(f"Compiling jit({fun_name})") for m in self.messages)
-
-    def __enter__(self):
-        self._logger = logging.getLogger("jax")
-        self._old_level = self._logger.level
-        self._logger.setLevel(logging.WARNING)
-        self._logger.addHandler(self)
-        self._log_compiles = jax.log_compiles(True)
-        self._log_compiles.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._log_compiles.__exit__(*exc)
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._old_level)
 
 
 def host_tree(tree):
