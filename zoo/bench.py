@@ -20,10 +20,11 @@ def mae_bench_config(*, size: str = "S", patch_size: int = 16, batch_size: int =
                      dtype: str = "float32", decoder_width: int = 256, decoder_depth: int = 4,
                      decoder_heads: int = 8, mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))
                      ) -> config_lib.Config:
-    """MAE with a ViT-S/16 encoder and a 256x4 decoder by default (the issue's benchmark)."""
+    """MAE with a ViT-S/16 encoder and a 256x4 (8-head) decoder, norm_pix_loss on: the same
+    configuration as the PyTorch peer (shared/peers/peer_mae.py)."""
     return config_lib.validate(config_lib.Config(
         model=config_lib.ModelConfig(size=size, patch_size=patch_size, dtype=dtype),
-        objective={"name": "mae", "decoder_width": decoder_width,
+        objective={"name": "mae", "norm_pix_loss": True, "decoder_width": decoder_width,
                    "decoder_depth": decoder_depth, "decoder_heads": decoder_heads},
         data=config_lib.DataConfig(name="synthetic", batch_size=batch_size),
         mesh=mesh, steps=1000, progress=False))
