@@ -1,0 +1,75 @@
+"""A byte-level tokenizer: UTF-8 bytes plus special ids, so nothing needs downloading.
+
+Id layout (vocabulary of 363)::
+
+    0 pad   1 eos   2 bos   3 mask   4 [R]   5 [X]   6 [S]      (UL2 mode tokens)
+    7 .. 262        the 256 byte values (byte b -> b + 7)
+    263 .. 362      100 sentinels, counting DOWN from the last id as in T5:
+                    sentinel(0) = 362 = vocab_size - 1, sentinel(1) = 361, ...
+
+Example::
+
+    tok = ByteTokenizer()
+    ids = tok.encode("def f(): pass")       # int32 numpy array, no eos added
+    tok.decode(ids) == "def f(): pass"
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PAD, EOS, BOS, MASK = 0, 1, 2, 3
+MODE_TOKENS = {"R": 4, "X": 5, "S": 6}   # UL2's [R], [X], [S] paradigm tokens
+BYTE_OFFSET = 7
+NUM_SENTINELS = 100
+VOCAB_SIZE = BYTE_OFFSET + 256 + NUM_SENTINELS
+
+
+def sentinel(index, vocab_size: int = VOCAB_SIZE):
+    """Id of the ``index``-th sentinel (T5's ``<extra_id_index>``): ``vocab_size - 1 - index``.
+
+    Works on Python ints and on (jax or numpy) integer arrays."""
+    return vocab_size - 1 - index
+
+
+def is_special(ids, vocab_size: int = VOCAB_SIZE, num_sentinels: int = NUM_SENTINELS):
+    """True where ``ids`` is not an ordinary byte token (pad, eos, bos, mask, modes, sentinels).
+
+    Works on numpy and jax arrays, inside jit."""
+    return (ids < BYTE_OFFSET) | (ids >= vocab_size - num_sentinels)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past the special ids; see the module docstring for the layout."""
+
+    vocab_size = VOCAB_SIZE
+    pad_id, eos_id, bos_id, mask_id = PAD, EOS, BOS, MASK
+    num_sentinels = NUM_SENTINELS
+
+    def encode(self, text: str) -> np.ndarray:
+        """str -> int32 ids (no eos/bos added)."""
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
+
+    def decode(self, ids) -> str:
+        """ids -> str. Byte ids decode as text (invalid UTF-8 replaced); sentinels as
+        ``<extra_id_N>``, mask as ``<mask>``; pad, eos, bos and mode tokens are dropped."""
+        out, pending = [], bytearray()
+        for i in np.asarray(ids).reshape(-1).tolist():
+            if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
+                pending.append(i - BYTE_OFFSET)
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending = bytearray()
+            if i >= self.vocab_size - self.num_sentinels:
+                out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+            elif i == MASK:
+                out.append("<mask>")
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def is_whitespace(self, ids):
+        """True at the byte tokens of ASCII whitespace (space, tab, newline, CR, FF, VT): word
+        boundaries for whole-word masking. Works on numpy and jax arrays."""
+        result = ids == (BYTE_OFFSET + 32)
+        for byte in (9, 10, 11, 12, 13):
+            result = result | (ids == BYTE_OFFSET + byte)
+        return result
