@@ -14,6 +14,13 @@ def names(modality: str | None = None) -> tuple[str, ...]:
     return tuple(n for n, cls in _OBJECTIVES.items() if modality in (None, cls.modality))
 
 
+def modality_of(name: str) -> str:
+    """The modality ("image", "text", ...) of objective ``name``."""
+    if name not in _OBJECTIVES:
+        raise ValueError(f"objective.name: unknown {name!r}; known objectives: {names()}")
+    return _OBJECTIVES[name].modality
+
+
 def get(name: str, **hparams) -> Objective:
     """Returns the objective ``name`` with the given hyperparameters.
 
@@ -30,4 +37,4 @@ def get(name: str, **hparams) -> Objective:
     return cls(**hparams)
 
 
-__all__ = ["ImageObjective", "MAE", "Objective", "get", "names", "patchify", "unpatchify"]
+__all__ = ["ImageObjective", "MAE", "Objective", "get", "modality_of", "names", "patchify", "unpatchify"]

@@ -5,6 +5,7 @@ of two figures taken under the same machine load.
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -97,3 +98,112 @@ def format_result(r: dict, config: config_lib.Config) -> str:
         f"  MFU                  {100 * r['mfu']:.1f}%",
         f"  peak host memory     {r['peak_host_memory_mb']:.0f} MB",
     ])
+
+
+# ---------------------------------------------------------------------------------------------
+# Text objectives: `zoo bench mlm` (BERT-base), span_corruption, ul2, ...
+# ---------------------------------------------------------------------------------------------
+
+BERT_VOCAB = 30522
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTextSpec:
+    """A data spec for benchmarks: random token rows over ``vocab_size`` ids."""
+    name: str = "synthetic-text"
+    vocab_size: int = BERT_VOCAB
+    splits: dict = dataclasses.field(default_factory=lambda: {"train": 1 << 20})
+    num_classes: int | None = None
+    class_names: tuple | None = None
+
+
+def text_bench_config(objective: str = "mlm", *, size: str = "B", batch_size: int = 16,
+                      seq_len: int = 128, dtype: str = "float32",
+                      mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))) -> config_lib.Config:
+    """BERT-base-sized backbone (768 wide, 12 layers, 12 heads) on 16 x 128-token rows."""
+    return config_lib.validate(config_lib.Config(
+        model=config_lib.ModelConfig(size=size, dtype=dtype),
+        objective={"name": objective},
+        data=config_lib.DataConfig(name="synthetic-text", batch_size=batch_size,
+                                   seq_len=seq_len),
+        mesh=mesh, steps=1000, progress=False))
+
+
+def bench_text(objective: str = "mlm", *, vocab_size: int = BERT_VOCAB, steps: int = 3,
+               warmup: int = 1, vs_precorrupted: bool = True, devices=None, print_fn=print,
+               **config_kwargs) -> dict:
+    """Times one AdamW step of a text objective, corruption included, with MFU; with
+    ``vs_precorrupted`` also the same step fed batches corrupted beforehand (steps interleaved
+    so both see the same machine load) and the relative cost of corrupting on device."""
+    from flax import nnx
+    from zoo.train import build, global_batch, init_state, make_train_step
+
+    config = text_bench_config(objective, **config_kwargs)
+    experiment = build(config, devices=devices, data_spec=SyntheticTextSpec(vocab_size=vocab_size))
+    rng = np.random.default_rng(0)
+    local = config.data.batch_size // jax.process_count()
+    # Byte-range ids (7..262 are ordinary tokens for every objective) plus a few EOS separators.
+    rows = rng.integers(7, 263, (2, local, config.data.seq_len), dtype=np.int32)
+    rows[:, :, 50::61] = 1
+    batches = [global_batch(experiment, {"tokens": r}) for r in rows]
+    variants = {"on_device": make_train_step(experiment)}
+    if vs_precorrupted:
+        variants["precorrupted"] = make_train_step(experiment, prepared=True)
+        prepare = jax.jit(experiment.objective.prepare)
+        corrupted = [prepare(b, jax.random.PRNGKey(i)) for i, b in enumerate(batches)]
+    states = {name: init_state(experiment) for name in variants}
+    times = {name: [] for name in variants}
+    with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
+        xla_flops = compiled_flops(variants["on_device"].lower(states["on_device"],
+                                                               batches[0]).compile())
+        peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
+        if jax.devices()[0].platform != "cpu":
+            peak *= len(experiment.mesh.devices.flat)
+        for i in range(warmup + steps):
+            for name, step_fn in variants.items():
+                feed = corrupted if name == "precorrupted" else batches
+                start = time.perf_counter()
+                states[name], metrics = step_fn(states[name], feed[i % 2])
+                jax.block_until_ready(metrics)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    step_time = statistics.median(times["on_device"])
+    flops = experiment.step_flops
+    result = {
+        "objective": objective, "device": f"{jax.devices()[0].platform}:"
+        f"{jax.devices()[0].device_kind} x{len(experiment.mesh.devices.flat)}",
+        "dtype": config.model.dtype, "batch_size": config.data.batch_size,
+        "seq_len": config.data.seq_len, "vocab_size": vocab_size,
+        "step_seconds": step_time,
+        "tokens_per_second": config.data.batch_size * config.data.seq_len / step_time,
+        "model_gflops_per_step": flops / 1e9,
+        "xla_gflops_per_step": None if xla_flops is None else xla_flops / 1e9,
+        "matmul_peak_gflops_per_second": peak / 1e9, "mfu": flops / step_time / peak,
+        "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": float(metrics["loss"]),
+    }
+    if vs_precorrupted:
+        pre = statistics.median(times["precorrupted"])
+        result["precorrupted_step_seconds"] = pre
+        result["corruption_overhead"] = step_time / pre - 1.0
+    print_fn(format_text_result(result, config))
+    return result
+
+
+def format_text_result(r: dict, config: config_lib.Config) -> str:
+    m = config.model
+    xla = "n/a" if r["xla_gflops_per_step"] is None else f"{r['xla_gflops_per_step']:.1f}"
+    lines = [
+        f"{r['objective']}: size {m.size} backbone, vocab {r['vocab_size']}, batch "
+        f"{r['batch_size']} x {r['seq_len']} tokens, {r['dtype']}, AdamW on {r['device']}",
+        f"  step time (median)   {r['step_seconds']:.3f} s  (on-device corruption included)",
+        f"  tokens/s             {r['tokens_per_second']:.0f}",
+        f"  model GFLOP/step     {r['model_gflops_per_step']:.1f}  (XLA counts {xla})",
+        f"  matmul peak GFLOP/s  {r['matmul_peak_gflops_per_second']:.1f}",
+        f"  MFU                  {100 * r['mfu']:.1f}%",
+        f"  peak host memory     {r['peak_host_memory_mb']:.0f} MB",
+    ]
+    if "corruption_overhead" in r:
+        lines += [f"  pre-corrupted step   {r['precorrupted_step_seconds']:.3f} s  -> on-device "
+                  f"corruption costs {100 * r['corruption_overhead']:+.1f}%"]
+    return "\n".join(lines)

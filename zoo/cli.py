@@ -61,9 +61,17 @@ def _peak(args) -> None:
 
 
 def _bench(args) -> None:
-    from zoo.bench import bench_mae
-    bench_mae(size=args.size, image_size=args.image_size, batch_size=args.batch_size,
-              dtype=args.dtype, steps=args.steps)
+    from zoo.bench import bench_mae, bench_text
+    if args.what == "mae":
+        bench_mae(size=args.size or "S", image_size=args.image_size,
+                  batch_size=args.batch_size or 16, dtype=args.dtype, steps=args.steps or 5)
+    else:
+        bench_text(args.what, size=args.size or "B", batch_size=args.batch_size or 16,
+                   seq_len=args.seq_len, dtype=args.dtype, steps=args.steps or 3,
+                   vs_precorrupted=args.vs_precorrupted)
+
+
+BENCH_TEXT = ("mlm", "span_corruption", "bart", "ul2", "clm", "prefix_lm", "meap")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -98,13 +106,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.set_defaults(func=_peak)
 
-    p = sub.add_parser("bench", help="time a train step: step time, images/s, MFU")
-    p.add_argument("what", choices=("mae",))
-    p.add_argument("--size", default="S")
+    p = sub.add_parser("bench", help="time a train step: step time, images|tokens/s, MFU")
+    p.add_argument("what", choices=("mae",) + BENCH_TEXT,
+                   help="mae: ViT-S/16 MAE; a text objective: BERT-base-sized backbone")
+    p.add_argument("--size", default=None, help="backbone size (default: S for mae, B text)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="default 16")
+    p.add_argument("--seq-len", type=int, default=128, help="text: tokens per row")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (mae 5, text 3)")
+    p.add_argument("--no-precorrupted", dest="vs_precorrupted", action="store_false",
+                   help="text: skip timing the same step fed pre-corrupted batches")
     p.set_defaults(func=_bench)
     return parser
 

@@ -16,14 +16,17 @@ import objectives
 from zoo import config as config_lib
 from zoo.config import Config, DataConfig, ModelConfig, OptimConfig
 
-SUITES = ("image",)
+SUITES = ("image", "text")
 
 # Hyperparameters each objective uses in the image suite (its head sized to the micro backbone).
 IMAGE_HPARAMS = {
     "mae": {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_width": 64,
             "decoder_depth": 2, "decoder_heads": 4},
 }
-DEFAULT_STEPS = {"image": 1000}
+DEFAULT_STEPS = {"image": 1000, "text": 300}
+# The text suite's shared budget: every objective reads the same packed rows of the pycode
+# corpus (batch x seq_len raw tokens per step) with the same width/depth per stack.
+TEXT_BATCH, TEXT_SEQ_LEN = 32, 128
 
 
 def suite_config(suite: str, objective: str, *, steps: int | None = None,
@@ -32,6 +35,15 @@ def suite_config(suite: str, objective: str, *, steps: int | None = None,
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown {suite!r}; allowed: {SUITES}")
     steps = steps or (4 if tiny else DEFAULT_STEPS[suite])
+    if suite == "text":
+        return config_lib.validate(Config(
+            model=ModelConfig(size="test" if tiny else "micro"),
+            objective={"name": objective},
+            data=DataConfig(name="pycode", batch_size=8 if tiny else TEXT_BATCH,
+                            seq_len=64 if tiny else TEXT_SEQ_LEN),
+            optim=OptimConfig(lr=1e-3, warmup_steps=min(50, steps // 10), weight_decay=0.01),
+            steps=steps, log_every=max(1, min(50, steps // 4)),
+            checkpoint_every=steps, keep_checkpoints=1))
     hparams = dict(IMAGE_HPARAMS.get(objective, {}))
     if tiny:
         hparams.update({k: v for k, v in {"decoder_width": 32, "decoder_depth": 1,
@@ -55,6 +67,7 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
         results = zoo.compare("image", "/tmp/cmp", tiny=True)
         results["rows"][0]   # {'objective': 'random-init', 'linear_probe': ..., 'knn': ...}
     """
+    from zoo.evaluate import heldout
     from zoo.probe import probe
     from zoo.train import train
 
@@ -68,9 +81,15 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
     os.makedirs(out_dir, exist_ok=True)
     configs = {name: suite_config(suite, name, steps=steps, tiny=tiny) for name in names}
     rows = []
+    # The baseline is the first objective's backbone at its random init (for text: mlm's
+    # encoder when mlm is compared).
     baseline_config = next(iter(configs.values()))
     rows.append({"objective": "random-init", "steps": 0, "final_loss": None,
                  "train_seconds": 0.0, **_scores(probe(baseline_config, None))})
+    # Held-out loss and token accuracy are each objective's own task (not comparable across
+    # objectives); reported for the text suite.
+    evaluate = (lambda cfg, workdir: _heldout(heldout(cfg, workdir))) if suite == "text" \
+        else (lambda cfg, workdir: {})
     for name, cfg in configs.items():
         cfg = dataclasses.replace(cfg, progress=progress)
         workdir = os.path.join(out_dir, name)
@@ -78,12 +97,17 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
         summary = train(cfg, workdir)
         seconds = time.perf_counter() - start
         rows.append({"objective": name, "steps": cfg.steps, "final_loss": summary.get("loss"),
-                     "train_seconds": round(seconds, 1), **_scores(probe(cfg, workdir))})
+                     "train_seconds": round(seconds, 1), **evaluate(cfg, workdir),
+                     **_scores(probe(cfg, workdir))})
     results = {"suite": suite, "dataset": baseline_config.data.name,
                "model": dataclasses.asdict(baseline_config.model), "rows": rows}
     if jax.process_index() == 0:
         write_results(results, out_dir)
     return results
+
+
+def _heldout(result: dict) -> dict:
+    return {k: result[k] for k in ("heldout_loss", "heldout_accuracy") if k in result}
 
 
 def _scores(probe_result: dict) -> dict:
@@ -92,14 +116,21 @@ def _scores(probe_result: dict) -> dict:
 
 def results_table(results: dict) -> str:
     """A Markdown table of a comparison."""
-    lines = [f"Suite `{results['suite']}` on `{results['dataset']}`, ViT "
-             f"`{results['model']['size']}` / patch {results['model']['patch_size']}.",
+    model = results["model"]
+    backbone = (f"ViT `{model['size']}` / patch {model['patch_size']}"
+                if results["suite"] == "image" else f"backbones of size `{model['size']}`")
+    heldout = any("heldout_loss" in row for row in results["rows"])
+    extra_head = " held-out loss | held-out token acc |" if heldout else ""
+    lines = [f"Suite `{results['suite']}` on `{results['dataset']}`, {backbone}.",
              "",
-             "| objective | steps | final loss | linear probe | k-NN | train s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| objective | steps | final loss |{extra_head} linear probe | k-NN | train s |",
+             "|---|---:|---:|" + "---:|" * (2 if heldout else 0) + "---:|---:|---:|"]
+    number = lambda value, fmt: "-" if value is None else format(value, fmt)
     for row in results["rows"]:
-        loss = "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
-        lines.append(f"| {row['objective']} | {row['steps']} | {loss} | "
+        extra = (f" {number(row.get('heldout_loss'), '.4f')} | "
+                 f"{number(row.get('heldout_accuracy'), '.1%')} |") if heldout else ""
+        lines.append(f"| {row['objective']} | {row['steps']} | "
+                     f"{number(row['final_loss'], '.4f')} |{extra} "
                      f"{100 * row['linear_probe']:.1f}% | {100 * row['knn']:.1f}% | "
                      f"{row['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"

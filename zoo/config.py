@@ -26,10 +26,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = "vit"
+    name: str = "auto"            # "auto": the objective's backbone (vit for images; encoder,
+                                  # decoder or encdec for text)
     size: str = "test"
-    patch_size: int = 4
-    posemb: str = "sincos2d"
+    patch_size: int = 4           # images only
+    posemb: str = "auto"          # "auto": sincos2d for vit, learn for text models
     cls_token: bool = True
     dtype: str = "float32"        # compute dtype; parameters stay float32
     width: int | None = None      # optional overrides of the size's dimensions
@@ -43,6 +44,7 @@ class DataConfig:
     name: str = "digits"
     split: str = "train"
     batch_size: int = 64          # global batch size
+    seq_len: int = 128            # text only: tokens per packed row
     seed: int = 0
     data_dir: str | None = None   # default: $ZOO_DATA_DIR or the user cache dir
 
@@ -61,7 +63,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProbeConfig:
-    dataset: str = "digits"
+    dataset: str = "auto"         # "auto": digits for image objectives, pycode for text
     batch_size: int = 256
     knn_k: int = 20
 
@@ -95,6 +97,8 @@ def validate(config: Config) -> Config:
     m, o = config.model, config.optim
     if m.dtype not in DTYPES:
         raise ValueError(f"model.dtype: unknown {m.dtype!r}; allowed: {tuple(DTYPES)}")
+    if config.data.seq_len <= 0:
+        raise ValueError(f"data.seq_len: must be positive, got {config.data.seq_len}")
     if m.patch_size <= 0:
         raise ValueError(f"model.patch_size: must be positive, got {m.patch_size}")
     if o.schedule not in SCHEDULES:

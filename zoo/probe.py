@@ -1,12 +1,14 @@
-"""Frozen-feature evaluation: a linear probe and k-NN on encoder features (labelled digits).
+"""Frozen-feature evaluation: a linear probe and k-NN on encoder features.
 
-Both use the encoder's ``features`` (mean of patch tokens). The linear probe is an L2-regularised
+Images: labelled digits, features = mean of the patch tokens. Text: held-out chunks of the
+``pycode`` corpus labelled with their top-level stdlib package (the catch-all "other" class is
+left out), features = mean of the backbone's hidden states over non-pad tokens (the encoder of
+an encoder-decoder). The linear probe is an L2-regularised
 multinomial logistic regression on standardised features (scikit-learn, L-BFGS); k-NN is a
 cosine-similarity vote weighted by exp(sim / 0.07), as in DINO's ``eval_knn``.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +20,20 @@ from objectives.base import image_to_float, patchify
 KNN_TEMPERATURE = 0.07
 
 
-def encoder_features(encoder, images: np.ndarray, patch_size: int,
+TEXT_CHUNKS_PER_DOCUMENT = 8   # so the largest files do not dominate the text probe
+
+
+def encoder_features(encoder, images: np.ndarray, patch_size: int | None,
                      batch_size: int = 256) -> np.ndarray:
-    """Features [N, width] for uint8 images [N, H, W, C], computed in fixed-size batches."""
+    """Features [N, width] for uint8 images [N, H, W, C] (or int tokens [N, L] when
+    ``patch_size`` is None), computed in fixed-size batches."""
     graphdef, params = nnx.split(encoder)
 
     @jax.jit
     def features(params, images):
         model = nnx.merge(graphdef, params)
+        if patch_size is None:
+            return model.features(images)
         return model.features(patchify(image_to_float(images), patch_size))
 
     out = []
@@ -83,34 +91,53 @@ def probe(config, workdir: str | None = None) -> dict[str, float]:
         # {'linear_probe': 0.93, 'knn': 0.95, 'step': 200}
     """
     import zoo.data
-    from zoo.checkpoint import Checkpointer
-    from zoo.train import build, init_state
+    from zoo.train import build, dataset_spec, restore_or_init
 
     experiment = build(config)
+    objective = experiment.objective
+    dataset = probe_dataset(config, objective.modality)
     try:
-        spec = zoo.data.dataset_spec(config.probe.dataset, data_dir=config.data.data_dir)
-    except (ValueError, FileNotFoundError) as error:
-        raise ValueError(f"probe.dataset: {error}") from None
-    if tuple(spec.image_shape) != tuple(experiment.data_spec.image_shape):
-        raise ValueError(f"probe.dataset: {config.probe.dataset!r} images are "
+        spec = dataset_spec(config, dataset)
+    except ValueError as error:
+        raise ValueError(f"probe.dataset: {str(error).removeprefix('data.name: ')}") from None
+    if objective.modality == "image" and (tuple(spec.image_shape)
+                                          != tuple(experiment.data_spec.image_shape)):
+        raise ValueError(f"probe.dataset: {dataset!r} images are "
                          f"{spec.image_shape} but the encoder was built for "
                          f"{experiment.data_spec.image_shape}; pick a probe dataset of that shape")
-    step = 0
-    if workdir is None:
-        state = init_state(experiment)
-    else:
-        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-            raise ValueError(f"workdir: {workdir!r} has no checkpoint to probe")
-        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-        step = checkpointer.latest_step()
-        if step is None:
-            raise ValueError(f"workdir: {workdir!r} has no checkpoint to probe")
-        state, _ = checkpointer.restore(step, experiment.abstract_state)
-        checkpointer.close()
+    state, step = restore_or_init(experiment, workdir, purpose="probe")
     model = nnx.merge(experiment.graphdef, state.params)
-    train = zoo.data.load_arrays(config.probe.dataset, "train", data_dir=config.data.data_dir)
-    test = zoo.data.load_arrays(config.probe.dataset, "test", data_dir=config.data.data_dir)
+    if objective.modality == "text":
+        length = objective.model_lengths(config.data.seq_len)["encoder"]
+        train, test = (text_probe_split(dataset, split, length, spec, config.data.data_dir)
+                       for split in ("train", "test"))
+        patch_size = None
+    else:
+        train = zoo.data.load_arrays(dataset, "train", data_dir=config.data.data_dir)
+        test = zoo.data.load_arrays(dataset, "test", data_dir=config.data.data_dir)
+        patch_size = config.model.patch_size
     with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-        scores = evaluate_encoder(model.encoder, config.model.patch_size, train, test,
+        scores = evaluate_encoder(model.encoder, patch_size, train, test,
                                   knn_k=config.probe.knn_k, batch_size=config.probe.batch_size)
     return {**scores, "step": int(step)}
+
+
+def probe_dataset(config, modality: str) -> str:
+    if config.probe.dataset != "auto":
+        return config.probe.dataset
+    return {"image": "digits", "text": "pycode"}[modality]
+
+
+def text_probe_split(dataset: str, split: str, length: int, spec, data_dir):
+    """Labelled token chunks of one split, without the catch-all "other" class."""
+    import zoo.data
+    tokens, labels = zoo.data.load_text_chunks(
+        dataset, split, seq_len=length, data_dir=data_dir,
+        chunks_per_document=TEXT_CHUNKS_PER_DOCUMENT)
+    names = tuple(spec.class_names or ())
+    if "other" in names:
+        keep = labels != names.index("other")
+        tokens, labels = tokens[keep], labels[keep]
+    if not len(labels) or labels.min() < 0:
+        raise ValueError(f"probe.dataset: {dataset!r} has no labelled {split} chunks")
+    return tokens, labels

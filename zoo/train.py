@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import objectives
 import zoo.data
 import zoo.models
+import zoo.text
 from zoo import config as config_lib
 from zoo.checkpoint import Checkpointer
 from zoo.flops import measure_matmul_peak, train_step_flops
@@ -77,27 +78,82 @@ class Experiment:
 # Building: validation, model, shardings.
 # ---------------------------------------------------------------------------------------------
 
-def make_objective(config: config_lib.Config) -> objectives.Objective:
+def make_objective(config: config_lib.Config, data_spec=None) -> objectives.Objective:
+    """The objective of ``config``, with the fields the backbone decides filled in: the patch
+    size of image objectives, the tokenizer's vocabulary size for text objectives (the data
+    spec's ``vocab_size`` if it has one, else the byte tokenizer's)."""
     hparams = {k: v for k, v in config.objective.items() if k != "name"}
-    if "patch_size" in hparams and hparams["patch_size"] != config.model.patch_size:
-        raise ValueError(f"objective.patch_size: {hparams['patch_size']} differs from "
-                         f"model.patch_size={config.model.patch_size}; set only model.patch_size")
-    hparams["patch_size"] = config.model.patch_size
-    return objectives.get(config.objective["name"], **hparams)
+    name = config.objective["name"]
+    modality = objectives.modality_of(name)
+    vocab_size = getattr(data_spec, "vocab_size", None) or zoo.text.VOCAB_SIZE
+    injected = {"image": ("patch_size", config.model.patch_size, "model.patch_size"),
+                "text": ("vocab_size", vocab_size, "the tokenizer")}.get(modality)
+    if injected:
+        field, value, source = injected
+        if field in hparams and hparams[field] != value:
+            raise ValueError(f"objective.{field}: {hparams[field]} differs from {source} "
+                             f"({value}); leave it out")
+        hparams[field] = value
+    return objectives.get(name, **hparams)
 
 
-def create_model(config: config_lib.Config, objective: objectives.Objective,
-                 image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> zoo.models.PretrainModel:
+def model_name(config: config_lib.Config, objective: objectives.Objective) -> str:
+    """The backbone ``config.model.name`` asks for ("auto": the one the objective trains)."""
+    wanted = "vit" if objective.modality == "image" else objective.architecture
+    name = config.model.name
+    if name == "auto":
+        return wanted
+    if name not in zoo.models.KNOWN_MODELS:
+        raise ValueError(f"model.name: unknown {name!r}; allowed: "
+                         f"{('auto',) + zoo.models.KNOWN_MODELS}")
+    if name != wanted:
+        raise ValueError(f"model.name: objective {objective.name!r} trains a {wanted!r} "
+                         f"backbone, not {name!r}; use 'auto' or {wanted!r}")
+    return name
+
+
+def create_model(config: config_lib.Config, objective: objectives.Objective, data_spec,
+                 rngs: nnx.Rngs) -> zoo.models.PretrainModel:
     """Backbone from ``config.model`` plus the objective's heads (unsharded; see ``init_state``)."""
     m = config.model
     dtype = config_lib.DTYPES[m.dtype]
-    grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)
-    encoder = zoo.models.get(
-        m.name, size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-        mlp_dim=m.mlp_dim, grid=grid, patch_dim=m.patch_size**2 * image_shape[2],
-        posemb=m.posemb, cls_token=m.cls_token, dtype=dtype, rngs=rngs)
+    name = model_name(config, objective)
+    dims = dict(size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
+                mlp_dim=m.mlp_dim, dtype=dtype, rngs=rngs)
+    if name == "vit":
+        image_shape = data_spec.image_shape
+        grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)
+        encoder = zoo.models.get(
+            name, grid=grid, patch_dim=m.patch_size**2 * image_shape[2],
+            posemb="sincos2d" if m.posemb == "auto" else m.posemb, cls_token=m.cls_token,
+            **dims)
+    else:
+        encoder = zoo.models.get(
+            name, vocab_size=objective.vocab_size,
+            max_len=objective.max_len(config.data.seq_len),
+            posemb="learn" if m.posemb == "auto" else m.posemb, **dims)
     heads = objective.make_heads(encoder, rngs=rngs, dtype=dtype)
     return zoo.models.PretrainModel(encoder, heads)
+
+
+def dataset_spec(config: config_lib.Config, name: str | None = None):
+    """The spec of ``name`` (default ``config.data.name``), checked against the objective's
+    modality: image objectives need image data, text objectives text data."""
+    name = name or config.data.name
+    objective_name = config.objective["name"]
+    wanted = objectives.modality_of(objective_name)
+    try:
+        is_text = zoo.data.is_text_dataset(name, data_dir=config.data.data_dir)
+        spec = (zoo.data.text_dataset_spec(name, data_dir=config.data.data_dir) if is_text
+                else zoo.data.dataset_spec(name, data_dir=config.data.data_dir))
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"data.name: {error}") from None
+    modality = "text" if is_text else "image"
+    if modality != wanted:
+        raise ValueError(f"data.name: {name!r} is {modality} data but objective "
+                         f"{objective_name!r} needs {wanted} data; objectives for "
+                         f"{modality} data: {objectives.names(modality)}")
+    return spec
 
 
 def tree_shardings(tree, mesh, rules):
@@ -119,19 +175,21 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     on synthetic images.
     """
     config = config_lib.validate(config)
-    objective = make_objective(config)
+    objectives.modality_of(config.objective["name"])   # unknown names fail first
     if data_spec is None:
-        try:
-            data_spec = zoo.data.dataset_spec(config.data.name, data_dir=config.data.data_dir)
-        except (ValueError, FileNotFoundError) as error:
-            raise ValueError(f"data.name: {error}") from None
-    if None in tuple(data_spec.image_shape):
-        raise ValueError(f"data.name: {config.data.name!r} has variable-size images "
-                         f"{tuple(data_spec.image_shape)}; zoo needs fixed-size images")
+        data_spec = dataset_spec(config)
+    objective = make_objective(config, data_spec)
+    model_name(config, objective)
     if data_spec.splits and config.data.split.split("[")[0] not in data_spec.splits:
         raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
                          f"allowed: {tuple(data_spec.splits)}")
-    objective.validate(image_shape=data_spec.image_shape)
+    if objective.modality == "image":
+        if None in tuple(data_spec.image_shape):
+            raise ValueError(f"data.name: {config.data.name!r} has variable-size images "
+                             f"{tuple(data_spec.image_shape)}; zoo needs fixed-size images")
+        objective.validate(image_shape=data_spec.image_shape)
+    else:
+        objective.validate(seq_len=config.data.seq_len)
     mesh = make_mesh(config.mesh, devices)
     parallel = data_parallel_size(mesh, config.rules)
     if config.data.batch_size % parallel:
@@ -144,8 +202,7 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     tx, schedule = make_optimizer(config.optim, config.steps)
 
     def init() -> TrainState:
-        model = create_model(config, objective, data_spec.image_shape,
-                             nnx.Rngs(params=config.seed))
+        model = create_model(config, objective, data_spec, nnx.Rngs(params=config.seed))
         params = nnx.state(model, nnx.Param)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(config.seed + 1),
@@ -155,18 +212,44 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
         abstract = jax.eval_shape(init)
         shardings = tree_shardings(abstract, mesh, config.rules)
     abstract_model = nnx.eval_shape(lambda: create_model(
-        config, objective, data_spec.image_shape, nnx.Rngs(params=0)))
+        config, objective, data_spec, nnx.Rngs(params=0)))
     graphdef, _ = nnx.split(abstract_model, nnx.Param)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return Experiment(config, objective, data_spec, mesh, graphdef, abstract_state, shardings,
-                      tx, schedule, objective.forward_flops(abstract_model), init_fn=init)
+                      tx, schedule, forward_flops(config, objective, abstract_model),
+                      init_fn=init)
+
+
+def forward_flops(config, objective, model) -> float | None:
+    """The objective's model FLOPs per example (text objectives also need the row length)."""
+    if objective.modality == "text":
+        return objective.forward_flops(model, seq_len=config.data.seq_len)
+    return objective.forward_flops(model)
 
 
 def init_state(experiment: Experiment) -> TrainState:
     """Creates the train state directly in its sharded layout (no host copy of the model)."""
     with jax.set_mesh(experiment.mesh):
         return jax.jit(experiment.init_fn, out_shardings=experiment.state_shardings)()
+
+
+def restore_or_init(experiment: Experiment, workdir: str | None, *,
+                    purpose: str = "evaluate") -> tuple[TrainState, int]:
+    """(state, step) of ``workdir``'s latest checkpoint, read-only; a random init if None."""
+    if workdir is None:
+        return init_state(experiment), 0
+    directory = os.path.join(workdir, "checkpoints")
+    step = None
+    if os.path.isdir(directory):
+        checkpointer = Checkpointer(directory, create=False)
+        step = checkpointer.latest_step()
+        if step is not None:
+            state, _ = checkpointer.restore(step, experiment.abstract_state)
+        checkpointer.close()
+    if step is None:
+        raise ValueError(f"workdir: {workdir!r} has no checkpoint to {purpose}")
+    return state, int(step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,14 +261,17 @@ def objective_salt(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def make_train_step(experiment: Experiment):
-    """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated."""
+def make_train_step(experiment: Experiment, *, prepared: bool = False):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    ``prepared=True`` makes a step that is fed ``objective.prepare``'s ``(inputs, targets)``
+    instead of a raw batch (benchmarks use it to price the on-device corruption)."""
     objective, graphdef, tx = experiment.objective, experiment.graphdef, experiment.tx
     schedule, salt = experiment.schedule, objective_salt(experiment.objective.name)
 
     def loss_fn(params, batch, rng):
         model = nnx.merge(graphdef, params)
-        inputs, targets = objective.prepare(batch, rng)
+        inputs, targets = batch if prepared else objective.prepare(batch, rng)
         outputs = objective.apply(model, inputs)
         return objective.loss(outputs, targets)
 
@@ -242,6 +328,20 @@ def completed_checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: bool = True):
+    """This process's deterministic, resumable batch iterator for the experiment's data:
+    images for image objectives, packed token rows for text objectives."""
+    config = experiment.config
+    data, split = config.data, split or config.data.split
+    common = dict(global_batch_size=data.batch_size, seed=data.seed, shuffle=shuffle,
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    if experiment.objective.modality == "text":
+        source = zoo.data.get_text_source(data.name, split, data_dir=data.data_dir)
+        return zoo.data.PackedBatchIterator(source, seq_len=data.seq_len, **common)
+    source = zoo.data.get_source(data.name, split, data_dir=data.data_dir)
+    return zoo.data.BatchIterator(source, **common)
 
 
 def check_workdir(workdir: str, config: config_lib.Config) -> None:
@@ -322,11 +422,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     except OSError as error:
         raise ValueError(f"workdir: cannot create {workdir!r}: {error.strerror}") from None
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-    source = zoo.data.get_source(config.data.name, config.data.split,
-                                 data_dir=config.data.data_dir)
-    batches = zoo.data.BatchIterator(source, global_batch_size=config.data.batch_size,
-                                     seed=config.data.seed, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    batches = make_batches(experiment)
     latest = checkpointer.latest_step()
     if latest is not None:
         state, data_state = checkpointer.restore(latest, experiment.abstract_state)

@@ -1,22 +1,35 @@
-"""Image datasets for pretraining: TFDS array_record sources and batches.
+"""Datasets for pretraining: TFDS array_record sources and batches.
 
-Names:
+Image names:
   "digits" (= "digits/32x32"), "digits/8x8", "digits/16x16": scikit-learn's
     8x8 digits, 1,437 train / 360 test, grayscale, 10 classes.
   "photos" (= "photos/64x64"), "photos/32x32": crops of scikit-image's bundled
     photos, whole photos held out for test, RGB, label = photo index.
+Text names (features "text", "label"; see `zoo.data.text`):
+  "pycode" (= "pycode/py3.11" on Python 3.11): the running interpreter's
+    standard-library `.py` files without tests, ~660 files / ~12 MB on 3.11,
+    label = top-level package (20 packages + "other"), held out by file.
+Both:
   "tfds:NAME": any TFDS dataset already prepared as array_record in the data
-    dir (e.g. "tfds:mnist", "tfds:cifar10"); never downloaded here.
+    dir (e.g. "tfds:mnist", "tfds:cifar10", or text such as "tfds:lm1b");
+    never downloaded here.
 
 Bundled datasets are prepared on first use into the data dir: `data_dir`,
 else `$ZOO_DATA_DIR`, else `<$XDG_CACHE_HOME or ~/.cache>/zoo/tensorflow_datasets`.
 Reading needs no TensorFlow.
 
-Example:
+Example (images):
   spec = zoo.data.dataset_spec("digits")          # image_shape (32, 32, 1)
   it = zoo.data.BatchIterator(zoo.data.get_source("digits", "train"),
                               global_batch_size=64, seed=0)
   batch = next(it)                                # {"image", "label"}
+
+Example (text):
+  spec = zoo.data.text_dataset_spec("pycode")     # num_classes 21
+  it = zoo.data.PackedBatchIterator(zoo.data.get_text_source("pycode", "train"),
+                                    global_batch_size=8, seq_len=256, seed=0)
+  batch = next(it)                                # {"tokens": int32 [8, 256]}
+  tokens, labels = zoo.data.load_text_chunks("pycode", "test", seq_len=256)
 """
 
 from zoo.data.iterator import BatchIterator
@@ -26,13 +39,27 @@ from zoo.data.sources import dataset_spec
 from zoo.data.sources import default_data_dir
 from zoo.data.sources import get_source
 from zoo.data.sources import load_arrays
+from zoo.data.text import PackedBatchIterator
+from zoo.data.text import TextDatasetSpec
+from zoo.data.text import TextSource
+from zoo.data.text import get_text_source
+from zoo.data.text import is_text_dataset
+from zoo.data.text import load_text_chunks
+from zoo.data.text import text_dataset_spec
 
 __all__ = [
     "KNOWN_DATASETS",
     "BatchIterator",
     "DatasetSpec",
+    "PackedBatchIterator",
+    "TextDatasetSpec",
+    "TextSource",
     "dataset_spec",
     "default_data_dir",
     "get_source",
+    "get_text_source",
+    "is_text_dataset",
     "load_arrays",
+    "load_text_chunks",
+    "text_dataset_spec",
 ]

@@ -1,8 +1,9 @@
 """Dataset names -> random-access sources over TFDS array_record files.
 
 Two kinds of names:
-  * bundled datasets ("digits", "digits/8x8", "photos/32x32", ...): our TFDS
-    builders, prepared lazily into the data dir on first use;
+  * bundled datasets ("digits", "digits/8x8", "photos/32x32", ...; and the
+    text dataset "pycode", read through `zoo.data.text`): our TFDS builders,
+    prepared lazily into the data dir on first use;
   * "tfds:NAME" (e.g. "tfds:mnist", "tfds:cifar10"): any TFDS dataset already
     prepared as array_record in the data dir. Nothing is ever downloaded.
 
@@ -23,12 +24,14 @@ import tensorflow_datasets as tfds
 
 from zoo.data.digits import digits_dataset_builder
 from zoo.data.photos import photos_dataset_builder
+from zoo.data.pycode import pycode_dataset_builder
 
-KNOWN_DATASETS = ("digits", "photos")  # plus "tfds:NAME"
+KNOWN_DATASETS = ("digits", "photos", "pycode")  # plus "tfds:NAME"
 TFDS_PREFIX = "tfds:"
 _BUILDERS = {
     "digits": digits_dataset_builder.Builder,
     "photos": photos_dataset_builder.Builder,
+    "pycode": pycode_dataset_builder.Builder,  # Text: see zoo.data.text.
 }
 _FILE_FORMAT = "array_record"
 log = logging.getLogger(__name__)
@@ -60,7 +63,8 @@ def _known_names() -> str:
   return ", ".join(names) + f", or '{TFDS_PREFIX}NAME' for a TFDS dataset"
 
 
-def _bundled_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def _bundled_builder(name: str, data_dir: str,
+                     prepare: bool = True) -> tfds.core.DatasetBuilder:
   """Our builder for `name`, prepared (once, atomically) into `data_dir`."""
   base, _, config = name.partition("/")
   cls = _BUILDERS.get(base)
@@ -72,7 +76,7 @@ def _bundled_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     raise ValueError(f"Unknown config {config!r} of dataset {base!r}; "
                      f"configs: {', '.join(configs)}.")
   builder = cls(config=config, data_dir=data_dir, file_format=_FILE_FORMAT)
-  if builder.is_prepared():
+  if not prepare or builder.is_prepared():
     return builder
   log.info("Preparing %s/%s in %s (first use only).", base, config, data_dir)
   try:
@@ -109,10 +113,12 @@ def _not_prepared(tfds_name: str, data_dir: str) -> str:
           f"{tfds_name} --file_format={_FILE_FORMAT} --data_dir={data_dir}`.")
 
 
-def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def _builder(name: str, data_dir: str,
+             prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """The builder of any name; bundled ones are prepared unless `prepare=False`."""
   if name.startswith(TFDS_PREFIX):
     return _tfds_builder(name, data_dir)
-  return _bundled_builder(name, data_dir)
+  return _bundled_builder(name, data_dir, prepare)
 
 
 def _tfds_data_source(name: str, split: str | None, data_dir: str,
@@ -150,8 +156,11 @@ def dataset_spec(name: str, *, data_dir: str | None = None,
   features = builder.info.features
   for key in (image_key, label_key):
     if key and key not in features:
+      hint = ("; a text dataset: use zoo.data.text_dataset_spec"
+              if "text" in features
+              and isinstance(features["text"], tfds.features.Text) else "")
       raise ValueError(f"Dataset {name!r} has no feature {key!r}; features: "
-                       f"{', '.join(features)} (set image_key/label_key).")
+                       f"{', '.join(features)} (set image_key/label_key{hint}).")
   shape = tuple(features[image_key].shape)
   if len(shape) == 2:  # Some TFDS image features omit the channel axis.
     shape += (1,)

@@ -6,9 +6,11 @@ import dataclasses
 from flax import nnx
 
 from zoo.models.layers import Block, TransformerStack
+from zoo.models.text import (ARCHITECTURES, TEXT_POSEMB_KINDS, EncoderDecoder, TextTransformer,
+                             shift_right)
 from zoo.models.vit import POSEMB_KINDS, ViT
 
-KNOWN_MODELS = ("vit",)
+KNOWN_MODELS = ("vit",) + ARCHITECTURES   # vit: patches; encoder/decoder/encdec: tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +39,12 @@ def size_of(size: str) -> Size:
 
 
 def get(name: str, **kwargs):
-    """Builds a backbone by name. Example: ``get("vit", grid=(4, 4), patch_dim=48, size="test",
-    rngs=nnx.Rngs(0))``. Width/depth/heads/mlp_dim override the size's defaults."""
+    """Builds a backbone by name. Width/depth/heads/mlp_dim override the size's defaults.
+
+    Examples: ``get("vit", grid=(4, 4), patch_dim=48, size="test", rngs=nnx.Rngs(0))``;
+    ``get("encoder", vocab_size=363, max_len=128, size="test", rngs=nnx.Rngs(0))`` (also
+    "decoder" for a causal decoder-only model and "encdec" for a T5-style encoder-decoder).
+    """
     if name not in KNOWN_MODELS:
         raise ValueError(f"model.name: unknown {name!r}; allowed: {KNOWN_MODELS}")
     size = size_of(kwargs.pop("size", "test"))
@@ -48,7 +54,11 @@ def get(name: str, **kwargs):
         if value is not None and value <= 0:
             raise ValueError(f"model.{field.name}: must be positive, got {value}")
         dims[field.name] = getattr(size, field.name) if value is None else value
-    return ViT(**dims, **kwargs)
+    if name == "vit":
+        return ViT(**dims, **kwargs)
+    if name == "encdec":
+        return EncoderDecoder(**dims, **kwargs)
+    return TextTransformer(**dims, causal=name == "decoder", **kwargs)
 
 
 class PretrainModel(nnx.Module):
@@ -59,5 +69,6 @@ class PretrainModel(nnx.Module):
         self.heads = heads
 
 
-__all__ = ["PretrainModel", "Block", "KNOWN_MODELS", "POSEMB_KINDS", "SIZES", "TransformerStack", "ViT", "get",
-           "size_of"]
+__all__ = ["ARCHITECTURES", "Block", "EncoderDecoder", "KNOWN_MODELS", "POSEMB_KINDS",
+           "PretrainModel", "SIZES", "TEXT_POSEMB_KINDS", "TextTransformer", "TransformerStack",
+           "ViT", "get", "shift_right", "size_of"]

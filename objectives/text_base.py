@@ -1,0 +1,86 @@
+"""What the token-sequence objectives share: the data they read, the backbone they train, and
+the token-level loss.
+
+A text batch is ``{"tokens": int32 [B, seq_len]}`` of packed rows (documents joined with EOS,
+padding = ``PAD``). Each objective names the backbone it trains (``architecture``: "encoder",
+"decoder" or "encdec") and the sequence lengths that backbone sees (``model_lengths``), from
+which the trainer sizes the position table and counts FLOPs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from objectives.base import Objective
+from zoo.models.text import shift_right, text_forward_flops
+from zoo.text import BOS, PAD, VOCAB_SIZE
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array,
+                        weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted token cross-entropy normalised by the number of target tokens in the WHOLE
+    batch (not a mean of per-example means), in float32; metrics: accuracy and token count.
+
+    A batch without targets gives loss 0 (not NaN)."""
+    logits = logits.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    total = jnp.maximum(weights.sum(), 1.0)
+    loss = ((log_z - label_logit) * weights).sum() / total
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return loss, {"accuracy": (correct * weights).sum() / total, "tokens": weights.sum()}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextObjective(Objective):
+    """An objective over packed token rows. ``vocab_size`` comes from the tokenizer."""
+
+    modality: ClassVar[str] = "text"
+    architecture: ClassVar[str] = "encoder"   # "encoder" | "decoder" | "encdec"
+    vocab_size: int = VOCAB_SIZE
+
+    def validate(self, *, seq_len: int) -> None:
+        if seq_len < 4:
+            raise ValueError(f"data.seq_len: {seq_len} is too short; use at least 4")
+
+    def model_lengths(self, seq_len: int) -> dict[str, int]:
+        """Tokens each stack sees per example: ``{"encoder": n}`` or ``{"encoder": n,
+        "decoder": m}`` (a decoder-only model's stack is called "encoder" here too)."""
+        return {"encoder": seq_len}
+
+    def max_len(self, seq_len: int) -> int:
+        return max(self.model_lengths(seq_len).values())
+
+    def forward_flops(self, model, *, seq_len: int) -> float | None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Seq2SeqObjective(TextObjective):
+    """A denoiser on a T5-style encoder-decoder: ``corrupt`` gives (encoder inputs, targets),
+    both padded with PAD; the decoder is teacher-forced on the targets shifted right behind
+    BOS; the loss covers every non-pad target token, normalised over the whole batch."""
+
+    architecture: ClassVar[str] = "encdec"
+
+    def corrupt(self, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def prepare(self, batch, rng):
+        inputs, targets = self.corrupt(batch["tokens"], rng)
+        return (inputs, shift_right(targets, BOS)), targets
+
+    def apply(self, model, inputs):
+        encoder_inputs, decoder_inputs = inputs
+        return model.encoder.logits(model.encoder(encoder_inputs, decoder_inputs))
+
+    def loss(self, outputs, targets):
+        return token_cross_entropy(outputs, targets, targets != PAD)
+
+    def forward_flops(self, model, *, seq_len: int) -> float:
+        lengths = self.model_lengths(seq_len)
+        return text_forward_flops(model.encoder, lengths, logits_positions=lengths["decoder"])

@@ -1,0 +1,1 @@
+"""TFDS builder for the running interpreter's standard-library source (see the builder module)."""
