@@ -4,9 +4,16 @@ from __future__ import annotations
 import dataclasses
 
 from objectives.base import ImageObjective, Objective, patchify, unpatchify
+from objectives.bart import BART
+from objectives.causal import CLM, MEAP, PrefixLM
 from objectives.mae import MAE
+from objectives.mlm import MLM
+from objectives.span_corruption import SpanCorruption
+from objectives.text_base import Seq2SeqObjective, TextObjective
+from objectives.ul2 import UL2
 
-_OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MAE,)}
+_OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (MAE, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP)}
 
 
 def names(modality: str | None = None) -> tuple[str, ...]:
@@ -37,4 +44,5 @@ def get(name: str, **hparams) -> Objective:
     return cls(**hparams)
 
 
-__all__ = ["ImageObjective", "MAE", "Objective", "get", "modality_of", "names", "patchify", "unpatchify"]
+__all__ = ["BART", "CLM", "ImageObjective", "MAE", "MEAP", "MLM", "Objective", "PrefixLM",
+           "Seq2SeqObjective", "SpanCorruption", "TextObjective", "UL2", "get", "modality_of", "names", "patchify", "unpatchify"]

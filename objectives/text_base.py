@@ -19,20 +19,33 @@ from zoo.models.text import shift_right, text_forward_flops
 from zoo.text import BOS, PAD, VOCAB_SIZE
 
 
-def token_cross_entropy(logits: jax.Array, labels: jax.Array,
-                        weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted token cross-entropy normalised by the number of target tokens in the WHOLE
-    batch (not a mean of per-example means), in float32; metrics: accuracy and token count.
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted token cross-entropy over the WHOLE batch, in float32.
 
-    A batch without targets gives loss 0 (not NaN)."""
+    ``loss = sum(weights * CE) / sum(weights)``, i.e. every target token of the batch counts the
+    same (long rows count more than short ones; not a mean of per-example means), as in T5 and
+    BERT's ``get_masked_lm_output``. A batch without targets gives loss 0 and accuracy 0 (no NaN,
+    zero gradients).
+
+    Args:
+      logits: [..., V], any float dtype (bf16 is upcast before the softmax).
+      labels: int [...].
+      weights: [...], 0 where there is no target.
+
+    Returns:
+      ``(loss, {"accuracy": weighted token accuracy, "tokens": sum of weights})``, float32 scalars.
+    """
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    total = jnp.maximum(weights.sum(), 1.0)
-    loss = ((log_z - label_logit) * weights).sum() / total
+    label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    total = weights.sum()
+    safe_total = jnp.where(total > 0, total, 1.0)
+    loss = jnp.where(total > 0, ((log_z - label_logit) * weights).sum() / safe_total, 0.0)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return loss, {"accuracy": (correct * weights).sum() / total, "tokens": weights.sum()}
+    accuracy = jnp.where(total > 0, (correct * weights).sum() / safe_total, 0.0)
+    return loss, {"accuracy": accuracy, "tokens": total}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,8 +57,17 @@ class TextObjective(Objective):
     vocab_size: int = VOCAB_SIZE
 
     def validate(self, *, seq_len: int) -> None:
+        """Subclasses check their fields first, then call this: it traces ``prepare`` on an
+        abstract row (no compilation), so any shape or count problem of the corruption
+        surfaces here as a one-line error, before anything compiles."""
         if seq_len < 4:
             raise ValueError(f"data.seq_len: {seq_len} is too short; use at least 4")
+        row = {"tokens": jax.ShapeDtypeStruct((1, seq_len), jnp.int32)}
+        try:
+            jax.eval_shape(self.prepare, row, jax.random.key_data(jax.random.PRNGKey(0)))
+        except ValueError as error:
+            raise ValueError(f"objective {self.name!r} with data.seq_len={seq_len}: "
+                             f"{error}") from None
 
     def model_lengths(self, seq_len: int) -> dict[str, int]:
         """Tokens each stack sees per example: ``{"encoder": n}`` or ``{"encoder": n,

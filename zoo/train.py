@@ -294,7 +294,7 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False):
             nonfinite_steps=state.nonfinite_steps + bad,
             first_nonfinite_step=jnp.where((bad > 0) & (state.first_nonfinite_step < 0),
                                            state.step, state.first_nonfinite_step))
-        metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "skipped": bad.astype(jnp.float32)}
         return new_state, metrics
 

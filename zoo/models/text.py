@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.mesh import shard_activation
-from zoo.models.layers import Block, Mlp, dense, layer_norm, param
+from zoo.models.layers import Attention, Block, Mlp, dense, layer_norm, param
 from zoo.models.posemb import sincos_1d
 from zoo.text import PAD
 
@@ -156,15 +156,15 @@ class DecoderBlock(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
                  dtype=jnp.float32):
-        self.self_block = Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
+        self.norm_self = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.attn = Attention(width, num_heads, rngs=rngs, dtype=dtype)
         self.norm_cross = layer_norm(width, rngs=rngs, dtype=dtype)
         self.cross = CrossAttention(width, num_heads, rngs=rngs, dtype=dtype)
         self.norm_mlp = layer_norm(width, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x, self_mask, memory, cross_mask):
-        block = self.self_block
-        x = x + block.attn(block.norm1(x), self_mask)
+        x = x + self.attn(self.norm_self(x), self_mask)
         x = x + self.cross(self.norm_cross(x), memory, cross_mask)
         x = x + self.mlp(self.norm_mlp(x))
         return shard_activation(x, ("batch", "seq", "act_embed"))
