@@ -436,6 +436,30 @@ def test_zoo_compare_tiny(digits, tmp_path):
     assert f"wrote {out}/results.md" in run.out
 
 
+@pytest.mark.slow
+def test_zoo_compare_text_tiny(data_dir, tmp_path):
+    out = tmp_path / "cmp_text"
+    run = run_cli("compare", "--suite", "text", "--tiny", "--out", str(out))
+    assert run.code == 0, f"exit {run.code}; stderr: {run.err[-3000:]}"
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    names = objectives.names("text")
+    assert set(names) >= {"mlm", "span_corruption", "bart", "ul2", "clm", "prefix_lm", "meap"}
+    rows = results["rows"]
+    assert results["suite"] == "text" and results["dataset"] == "pycode"
+    assert [r["objective"] for r in rows] == ["random-init", *names]
+    for row in rows:
+        assert 0 <= row["linear_probe"] <= 1 and 0 <= row["knn"] <= 1, row
+    for row in rows[1:]:
+        assert row["steps"] == 4, row
+        assert math.isfinite(row["final_loss"]) and row["final_loss"] > 0, row
+        # A byte-level model at init predicts ~uniformly over 363 ids: loss near log(363).
+        assert 0 < row["heldout_loss"] < 2 * math.log(363), row
+        assert 0 <= row["heldout_accuracy"] <= 1, row
+    _assert_results_files(out, results)
+    assert "held-out loss" in run.out
+
+
 # ---------------------------------------------------------------------------------------------
 # Experiment configs.
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +475,7 @@ def _experiment_files() -> list[str]:
 
 def test_there_are_experiment_configs():
     assert "experiments/mae_digits.py" in _experiment_files()
+    assert "experiments/text_pycode.py" in _experiment_files()
 
 
 @pytest.mark.parametrize("path", _experiment_files())

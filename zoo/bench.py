@@ -55,9 +55,11 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
         for i in range(warmup):
             state, metrics = step_fn(state, batches[i % 2])
         jax.block_until_ready(metrics)
-        peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
-        if jax.devices()[0].platform != "cpu":
-            peak *= len(experiment.mesh.devices.flat)
+    # Measured just before timing, on one device, outside the mesh context (which rejects it).
+    peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
+    if jax.devices()[0].platform != "cpu":
+        peak *= len(experiment.mesh.devices.flat)
+    with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
         times = []
         for i in range(steps):
             start = time.perf_counter()
@@ -153,12 +155,13 @@ def bench_text(objective: str = "mlm", *, vocab_size: int = BERT_VOCAB, steps: i
         corrupted = [prepare(b, jax.random.PRNGKey(i)) for i, b in enumerate(batches)]
     states = {name: init_state(experiment) for name in variants}
     times = {name: [] for name in variants}
+    # The peak is measured on one device, outside the mesh context (which would reject it).
+    peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
+    if jax.devices()[0].platform != "cpu":
+        peak *= len(experiment.mesh.devices.flat)
     with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
         xla_flops = compiled_flops(variants["on_device"].lower(states["on_device"],
                                                                batches[0]).compile())
-        peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
-        if jax.devices()[0].platform != "cpu":
-            peak *= len(experiment.mesh.devices.flat)
         for i in range(warmup + steps):
             for name, step_fn in variants.items():
                 feed = corrupted if name == "precorrupted" else batches

@@ -26,7 +26,7 @@ IMAGE_HPARAMS = {
 DEFAULT_STEPS = {"image": 1000, "text": 300}
 # The text suite's shared budget: every objective reads the same packed rows of the pycode
 # corpus (batch x seq_len raw tokens per step) with the same width/depth per stack.
-TEXT_BATCH, TEXT_SEQ_LEN = 32, 128
+TEXT_BATCH, TEXT_SEQ_LEN = 16, 128
 
 
 def suite_config(suite: str, objective: str, *, steps: int | None = None,
