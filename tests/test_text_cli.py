@@ -8,9 +8,6 @@ one compilation serves them all through the session's persistent compilation cac
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
 import json
 import math
 import os
@@ -22,28 +19,13 @@ import pytest
 import zoo.config
 import zoo.data
 import zoo.evaluate
-from zoo.cli import main
+from test_cli import Run, run_cli  # one in-process CLI runner for all CLI tests
 from zoo.text import VOCAB_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT / 'experiments' / 'text_pycode.py'}:clm,tiny"   # 6 steps, warmup 2
 SETTINGS = ["--set", "log_every=1", "--set", "progress=False", "--set", "peak_flops=1e12"]
 STEPS = 6
-
-
-@dataclasses.dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(*argv: str) -> Run:
-    """``zoo ARGV`` in-process (as tests/test_cli.py): exit code, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return Run(code, out.getvalue(), err.getvalue())
 
 
 def json_summary(run: Run) -> dict:
