@@ -19,27 +19,13 @@ import pytest
 import zoo.config
 import zoo.data
 import zoo.evaluate
-from test_cli import Run, run_cli  # one in-process CLI runner for all CLI tests
+from test_cli import json_summary, raw_metrics, run_cli  # the shared CLI test helpers
 from zoo.text import VOCAB_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT / 'experiments' / 'text_pycode.py'}:clm,tiny"   # 6 steps, warmup 2
 SETTINGS = ["--set", "log_every=1", "--set", "progress=False", "--set", "peak_flops=1e12"]
 STEPS = 6
-
-
-def json_summary(run: Run) -> dict:
-    """The JSON summary ``zoo pretrain`` prints as its last stdout line."""
-    assert run.code == 0, f"exit {run.code}; stderr: {run.err[-2000:]}"
-    lines = [line for line in run.out.splitlines() if line.strip()]
-    assert lines, f"nothing on stdout; stderr: {run.err[-2000:]}"
-    return json.loads(lines[-1])
-
-
-def raw_metrics(workdir: str) -> list[dict]:
-    """Every line of metrics.jsonl as written (a re-logged step would show twice)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="module")
