@@ -8,12 +8,15 @@ from objectives.bart import BART
 from objectives.causal import CLM, MEAP, PrefixLM
 from objectives.mae import MAE
 from objectives.mlm import MLM
+from objectives.position import Position, TokenPosition
+from objectives.selfie import Selfie
 from objectives.span_corruption import SpanCorruption
 from objectives.text_base import Seq2SeqObjective, TextObjective
 from objectives.ul2 import UL2
 
 _OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (MAE, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP)}
+    cls.name: cls for cls in (MAE, Position, Selfie, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP,
+                              TokenPosition)}
 
 
 def names(modality: str | None = None) -> tuple[str, ...]:
@@ -44,5 +47,6 @@ def get(name: str, **hparams) -> Objective:
     return cls(**hparams)
 
 
-__all__ = ["BART", "CLM", "ImageObjective", "MAE", "MEAP", "MLM", "Objective", "PrefixLM",
-           "Seq2SeqObjective", "SpanCorruption", "TextObjective", "UL2", "get", "modality_of", "names", "patchify", "unpatchify"]
+__all__ = ["BART", "CLM", "ImageObjective", "MAE", "MEAP", "MLM", "Objective", "Position",
+           "PrefixLM", "Selfie", "Seq2SeqObjective", "SpanCorruption", "TextObjective", "TokenPosition",
+           "UL2", "get", "modality_of", "names", "patchify", "unpatchify"]

@@ -44,6 +44,7 @@ class Objective:
     name: ClassVar[str] = ""
     modality: ClassVar[str] = ""     # "image", "text", ...: which `zoo compare --suite` runs it
     reference: ClassVar[str] = ""    # paper / reference code it matches
+    required_posemb: ClassVar[str | None] = None   # e.g. "none": the backbone must not get any
 
     def validate(self, *, image_shape: tuple[int, int, int]) -> None:
         """Checks hyperparameters against the data before anything compiles."""

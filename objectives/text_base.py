@@ -39,7 +39,10 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # A one-hot product, not take_along_axis: its gradient is elementwise, where the gather's
+    # is a scatter into a [V, tokens] buffer plus a copy (~0.1 s per BERT-base step on CPU).
+    one_hot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    label_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
     total = weights.sum()
     safe_total = jnp.where(total > 0, total, 1.0)
     loss = jnp.where(total > 0, ((log_z - label_logit) * weights).sum() / safe_total, 0.0)

@@ -28,11 +28,11 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, 
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-          rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Linear:
+          rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True) -> nnx.Linear:
     """A Linear layer with xavier-uniform kernel and zero bias (MAE's ``_init_weights``)."""
     with _lazy_sharding():
         return nnx.Linear(
-            in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+            in_features, out_features, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias,
             kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
             rngs=rngs)

@@ -112,11 +112,17 @@ class TextTransformer(nnx.Module):
             mask = mask & causal_mask(tokens.shape[1])
         return mask
 
-    def __call__(self, tokens: jax.Array, prefix_len: jax.Array | None = None) -> jax.Array:
-        """int tokens [B, L] -> final hidden states [B, L, width] (after the last LayerNorm)."""
+    def __call__(self, tokens: jax.Array, prefix_len: jax.Array | None = None,
+                 key_mask: jax.Array | None = None) -> jax.Array:
+        """int tokens [B, L] -> final hidden states [B, L, width] (after the last LayerNorm).
+
+        ``key_mask`` (optional, bool [B, L]) further limits every layer's keys and values to
+        the True tokens; every token is still a query."""
         if prefix_len is not None and not self.causal:
             raise ValueError("prefix_len is for decoder models (causal=True)")
         mask = self.attention_mask(tokens, prefix_len)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
         x = self.embedding(tokens)
         for block in self.blocks:
             x = block(x, mask)

@@ -68,13 +68,23 @@ class ViT(nnx.Module):
             x = x + pos.astype(x.dtype)
         return x
 
-    def encode(self, tokens: jax.Array) -> jax.Array:
-        """Prepends the cls token (its position embedding is zero, as in MAE) and runs blocks."""
+    def encode(self, tokens: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        """Prepends the cls token (its position embedding is zero, as in MAE) and runs blocks.
+
+        ``key_mask`` (optional, bool [B, L] over ``tokens``) limits every layer's keys and
+        values to the True tokens (plus the cls token); every token is still a query.
+        """
+        mask = None
+        if key_mask is not None:
+            if self.has_cls:
+                key_mask = jnp.concatenate(
+                    [jnp.ones((key_mask.shape[0], 1), bool), key_mask], axis=1)
+            mask = key_mask[:, None, None, :]
         if self.has_cls:
             cls = jnp.broadcast_to(self.cls[...].astype(tokens.dtype),
                                    (tokens.shape[0], 1, self.width))
             tokens = jnp.concatenate([cls, tokens], axis=1)
-        return self.encoder(tokens)
+        return self.encoder(tokens, mask)
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         return self.encode(self.embed(patches))

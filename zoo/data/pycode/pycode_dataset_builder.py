@@ -28,7 +28,6 @@ one test file and one train file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
