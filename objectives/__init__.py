@@ -6,6 +6,7 @@ import dataclasses
 from objectives.base import ImageObjective, Objective, patchify, unpatchify
 from objectives.bart import BART
 from objectives.causal import CLM, MEAP, PrefixLM
+from objectives.dcpt import DCPT, MaskDCPT, Restore
 from objectives.mae import MAE
 from objectives.mlm import MLM
 from objectives.position import Position, TokenPosition
@@ -15,13 +16,18 @@ from objectives.text_base import Seq2SeqObjective, TextObjective
 from objectives.ul2 import UL2
 
 _OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (MAE, Position, Selfie, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP,
+    cls.name: cls for cls in (MAE, Position, Selfie, DCPT, MaskDCPT, Restore, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP,
                               TokenPosition)}
 
 
 def names(modality: str | None = None) -> tuple[str, ...]:
     """Known objective names, optionally only those of one modality ("image", ...)."""
     return tuple(n for n, cls in _OBJECTIVES.items() if modality in (None, cls.modality))
+
+
+def suite_names(suite: str) -> tuple[str, ...]:
+    """The objectives ``zoo compare --suite SUITE`` pretrains ("image", "text", "restoration")."""
+    return tuple(n for n, cls in _OBJECTIVES.items() if cls.suite == suite)
 
 
 def modality_of(name: str) -> str:
@@ -47,6 +53,7 @@ def get(name: str, **hparams) -> Objective:
     return cls(**hparams)
 
 
-__all__ = ["BART", "CLM", "ImageObjective", "MAE", "MEAP", "MLM", "Objective", "Position",
-           "PrefixLM", "Selfie", "Seq2SeqObjective", "SpanCorruption", "TextObjective", "TokenPosition",
-           "UL2", "get", "modality_of", "names", "patchify", "unpatchify"]
+__all__ = ["BART", "CLM", "DCPT", "ImageObjective", "MAE", "MEAP", "MLM", "MaskDCPT",
+           "Objective", "Position", "PrefixLM", "Restore", "Selfie", "Seq2SeqObjective",
+           "SpanCorruption", "TextObjective", "TokenPosition", "UL2", "get", "modality_of",
+           "names", "patchify", "suite_names", "unpatchify"]

@@ -45,6 +45,7 @@ class Objective:
     modality: ClassVar[str] = ""     # "image", "text", ...: which `zoo compare --suite` runs it
     reference: ClassVar[str] = ""    # paper / reference code it matches
     required_posemb: ClassVar[str | None] = None   # e.g. "none": the backbone must not get any
+    suite: ClassVar[str | None] = None   # the `zoo compare --suite` that runs it (None: none)
 
     def validate(self, *, image_shape: tuple[int, int, int]) -> None:
         """Checks hyperparameters against the data before anything compiles."""
@@ -73,6 +74,7 @@ class ImageObjective(Objective):
     """An objective over images cut into square patches. ``patch_size`` comes from the model."""
 
     modality: ClassVar[str] = "image"
+    suite: ClassVar[str | None] = "image"
     patch_size: int = 16
 
     def validate(self, *, image_shape: tuple[int, int, int]) -> None:

@@ -67,26 +67,30 @@ class MaeDecoder(nnx.Module):
 
     def __init__(self, *, encoder_width: int, width: int, depth: int, num_heads: int,
                  grid: tuple[int, int], patch_dim: int, has_cls: bool, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, masked: bool = True):
         self.grid = tuple(grid)
         self.width = width
         self.has_cls = has_cls
         self.embed = dense(encoder_width, width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, width),
-                                (None, None, "embed"))
+        if masked:   # a decoder that always sees every patch has no use for a mask token
+            self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, width),
+                                    (None, None, "embed"))
         self.decoder = TransformerStack(width, depth, num_heads, 4 * width, rngs=rngs,
                                         dtype=dtype)
         self.pred = dense(width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    def __call__(self, latent: jax.Array, ids_restore: jax.Array | None = None) -> jax.Array:
+        """Encoder tokens of the kept patches (cls first, if any) -> pixels of every patch.
+        ``ids_restore=None``: the encoder saw every patch, in order (nothing to un-shuffle)."""
         x = self.embed(latent)
         if self.has_cls:
             cls, x = x[:, :1], x[:, 1:]
-        batch, length = ids_restore.shape
-        mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
-                                       (batch, length - x.shape[1], self.width))
-        x = jnp.concatenate([x, mask_tokens], axis=1)
-        x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)   # un-shuffle
+        if ids_restore is not None:
+            batch, length = ids_restore.shape
+            mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
+                                           (batch, length - x.shape[1], self.width))
+            x = jnp.concatenate([x, mask_tokens], axis=1)
+            x = jnp.take_along_axis(x, ids_restore[..., None], axis=1)   # un-shuffle
         x = x + jnp.asarray(sincos_2d(self.width, *self.grid)).astype(x.dtype)
         if self.has_cls:
             x = jnp.concatenate([cls, x], axis=1)   # the cls position embedding is zero

@@ -56,6 +56,7 @@ class TextObjective(Objective):
     """An objective over packed token rows. ``vocab_size`` comes from the tokenizer."""
 
     modality: ClassVar[str] = "text"
+    suite: ClassVar[str | None] = "text"
     architecture: ClassVar[str] = "encoder"   # "encoder" | "decoder" | "encdec"
     vocab_size: int = VOCAB_SIZE
 

@@ -16,7 +16,7 @@ import objectives
 from zoo import config as config_lib
 from zoo.config import Config, DataConfig, ModelConfig, OptimConfig
 
-SUITES = ("image", "text")
+SUITES = ("image", "text", "restoration")   # restoration: see zoo/restoration.py
 
 # Hyperparameters each objective uses in the image suite (its head sized to the micro backbone).
 IMAGE_HPARAMS = {
@@ -73,11 +73,16 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
 
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown {suite!r}; allowed: {SUITES}")
-    names = only or objectives.names(suite)
-    unknown = [n for n in names if n not in objectives.names(suite)]
-    if unknown:
-        raise ValueError(f"--only: {unknown[0]!r} is not a {suite} objective; "
-                         f"allowed: {objectives.names(suite)}")
+    if only:
+        unknown = [n for n in only if n not in objectives.suite_names(suite)]
+        if unknown:
+            raise ValueError(f"--only: {unknown[0]!r} is not a {suite} objective; "
+                             f"allowed: {objectives.suite_names(suite)}")
+    if suite == "restoration":
+        from zoo.restoration import compare_restoration
+        return compare_restoration(out_dir, steps=steps, tiny=tiny, only=only,
+                                   progress=progress)
+    names = only or objectives.suite_names(suite)
     os.makedirs(out_dir, exist_ok=True)
     configs = {name: suite_config(suite, name, steps=steps, tiny=tiny) for name in names}
     rows = []
@@ -116,6 +121,9 @@ def _scores(probe_result: dict) -> dict:
 
 def results_table(results: dict) -> str:
     """A Markdown table of a comparison."""
+    if results["suite"] == "restoration":
+        from zoo.restoration import restoration_table
+        return restoration_table(results)
     model = results["model"]
     backbone = (f"ViT `{model['size']}` / patch {model['patch_size']}"
                 if results["suite"] == "image" else f"backbones of size `{model['size']}`")

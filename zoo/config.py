@@ -85,6 +85,8 @@ class Config:
     nonfinite: str = "skip"       # what a non-finite loss or gradient does: skip | stop
     peak_flops: float | None = None   # MFU denominator; None measures a matmul at start
     progress: bool = True
+    init_from: str | None = None  # a workdir whose latest checkpoint's encoder initialises a
+                                  # NEW run (fine-tuning); heads and optimizer start fresh
 
 
 # Fields that may change between runs in one workdir (they do not change what a step computes).

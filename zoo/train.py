@@ -248,6 +248,44 @@ def init_state(experiment: Experiment) -> TrainState:
         return jax.jit(experiment.init_fn, out_shardings=experiment.state_shardings)()
 
 
+def encoder_from(workdir: str, experiment: Experiment, state: TrainState) -> TrainState:
+    """``state`` with its encoder parameters replaced by those of ``workdir``'s latest
+    checkpoint (the run there may have had another objective and heads; its backbone must have
+    the same parameter names and shapes). Heads and optimizer state are left as they are."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"init_from: {workdir!r} has no config.json (not a zoo workdir)")
+    with open(path) as f:
+        source_config = config_lib.from_dict(json.load(f))
+    source = build(source_config, devices=list(experiment.mesh.devices.flat))
+    source_state, _ = restore_or_init(source, workdir, purpose="initialise from")
+    wanted = dict(leaves_by_path(state.params["encoder"]))
+    found = dict(leaves_by_path(source_state.params["encoder"]))
+    if wanted.keys() != found.keys():
+        missing = sorted(wanted.keys() ^ found.keys())[0]
+        raise ValueError(f"init_from: the encoder in {workdir!r} differs from this model's "
+                         f"(parameter {missing} is in only one of them)")
+    for name, leaf in wanted.items():
+        if leaf.shape != found[name].shape:
+            raise ValueError(f"init_from: encoder parameter {name} is {found[name].shape} in "
+                             f"{workdir!r} but {leaf.shape} here; use the same model size, "
+                             "patch size and image shape")
+    prefix = jax.tree_util.keystr((jax.tree_util.DictKey("encoder"),))
+
+    def take(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return found[name[len(prefix):]] if name.startswith(prefix) else leaf
+
+    params = jax.tree_util.tree_map_with_path(take, state.params)
+    log.info("encoder initialised from %s", workdir)
+    return state._replace(params=jax.device_put(params, experiment.state_shardings.params))
+
+
+def leaves_by_path(tree):
+    return [(jax.tree_util.keystr(p), leaf)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 def restore_or_init(experiment: Experiment, workdir: str | None, *,
                     purpose: str = "evaluate") -> tuple[TrainState, int]:
     """(state, step) of ``workdir``'s latest checkpoint, read-only; a random init if None."""
@@ -451,6 +489,8 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         log.info("resumed from step %d in %s", latest, workdir)
     else:
         state = init_state(experiment)
+        if config.init_from:
+            state = encoder_from(config.init_from, experiment, state)
     if jax.process_index() == 0:   # the steps field may have grown; everything else matches
         _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     start = int(state.step)

@@ -108,7 +108,12 @@ class TransformerStack(nnx.Module):
                                 for _ in range(depth)])
         self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+                 return_layers: bool = False):
+        """[B, L, W] -> [B, L, W] after the final norm; with ``return_layers`` also the list of
+        every block's output (before the final norm), e.g. for multi-layer feature fusion."""
+        layers = []
         for block in self.blocks:
             x = block(x, mask)
-        return self.norm(x)
+            layers.append(x)
+        return (self.norm(x), layers) if return_layers else self.norm(x)

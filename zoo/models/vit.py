@@ -68,11 +68,13 @@ class ViT(nnx.Module):
             x = x + pos.astype(x.dtype)
         return x
 
-    def encode(self, tokens: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    def encode(self, tokens: jax.Array, key_mask: jax.Array | None = None, *,
+               return_layers: bool = False):
         """Prepends the cls token (its position embedding is zero, as in MAE) and runs blocks.
 
         ``key_mask`` (optional, bool [B, L] over ``tokens``) limits every layer's keys and
-        values to the True tokens (plus the cls token); every token is still a query.
+        values to the True tokens (plus the cls token); every token is still a query. With
+        ``return_layers``: ``(output, [each block's output])``, cls included.
         """
         mask = None
         if key_mask is not None:
@@ -84,7 +86,7 @@ class ViT(nnx.Module):
             cls = jnp.broadcast_to(self.cls[...].astype(tokens.dtype),
                                    (tokens.shape[0], 1, self.width))
             tokens = jnp.concatenate([cls, tokens], axis=1)
-        return self.encoder(tokens, mask)
+        return self.encoder(tokens, mask, return_layers=return_layers)
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         return self.encode(self.embed(patches))
