@@ -37,10 +37,23 @@ from zoo.models.layers import dense
 from zoo.text import PAD
 
 
-def context_mask(rng: jax.Array, batch: int, length: int, mask_ratio: float) -> jax.Array:
-    """bool [B, L], True at the ``int(L * (1 - mask_ratio))`` context tokens of each row."""
-    _, removed, _ = masking_indices(rng, batch, length, mask_ratio)
-    return removed == 0
+def context_mask(rng: jax.Array, batch: int, length: int, mask_ratio: float,
+                 valid: jax.Array | None = None) -> jax.Array:
+    """bool [B, L], True at the ``int(L * (1 - mask_ratio))`` context tokens of each row (MAE's
+    keep set: the smallest uniform noise).
+
+    With ``valid`` (bool [B, L], e.g. not padding) the context is drawn among each row's n
+    valid tokens only: ``max(1, int(n * (1 - mask_ratio)))`` of them (none if n = 0), so a
+    short row still has a context and padding never is one.
+    """
+    if valid is None:
+        _, removed, _ = masking_indices(rng, batch, length, mask_ratio)
+        return removed == 0
+    noise = jnp.where(valid, jax.random.uniform(rng, (batch, length)), 2.0)  # invalid: last
+    rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    count = valid.sum(axis=1, keepdims=True)
+    keep = jnp.maximum(1, jnp.floor(count * (1 - mask_ratio)).astype(jnp.int32))
+    return (rank < keep) & valid
 
 
 def position_loss(logits: jax.Array, weights: jax.Array | None = None
@@ -152,7 +165,7 @@ class TokenPosition(TextObjective):
     def prepare(self, batch, rng):
         tokens = batch["tokens"]
         real = tokens != PAD
-        context = context_mask(rng, *tokens.shape, self.mask_ratio) & real
+        context = context_mask(rng, *tokens.shape, self.mask_ratio, valid=real)
         return {"tokens": tokens, "context": context}, real.astype(jnp.float32)
 
     def apply(self, model, inputs):

@@ -1,4 +1,4 @@
-"""The image objectives beyond MAE through the shared trainer: the train step (finite loss and
+"""The image and restoration objectives beyond MAE through the shared trainer: the train step (finite loss and
 gradients, parameters move, no retrace), the same steps on 1 and 8 devices, rng use, analytic
 FLOPs against XLA's count.
 
@@ -21,7 +21,7 @@ from zoo.compare import suite_config
 from zoo.data import DatasetSpec
 from zoo.flops import compiled_flops
 
-NAMES = ("position", "selfie")
+NAMES = ("position", "selfie", "dcpt", "mask_dcpt", "restore")
 ONE_DEVICE_MESH = (("data", 1), ("fsdp", 1), ("tensor", 1))
 EIGHT_DEVICE_MESH = (("data", 4), ("fsdp", 2), ("tensor", 1))
 BATCH, IMAGE = 8, (16, 16, 3)
@@ -34,9 +34,16 @@ OVERRIDES = ("model.width=64", "optim.warmup_steps=0", "optim.lr=1e-4", "progres
              "peak_flops=1e12", f"data.batch_size={BATCH}")
 
 
+RESTORATION = ("dcpt", "mask_dcpt", "restore")
+# Two cheap degradations instead of the default five: the degradation code is tested in
+# tests/test_degradations.py, and compiling all five under vmap costs ~20 s per train step.
+RESTORATION_OVERRIDES = ("objective.kinds=('noise', 'low_light')",)
+
+
 def image_config(name: str, mesh) -> zoo.config.Config:
     config = suite_config("image", name, tiny=True)
-    return zoo.config.override(config, [*OVERRIDES, f"mesh={mesh!r}"])
+    extra = RESTORATION_OVERRIDES if name in RESTORATION else ()
+    return zoo.config.override(config, [*OVERRIDES, *extra, f"mesh={mesh!r}"])
 
 
 def images(seed: int) -> np.ndarray:
@@ -52,68 +59,75 @@ def leaves_with_paths(tree):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-_RUNS: dict[str, dict] = {}
+_RUNS: dict[tuple[str, str], dict] = {}
+_INITIAL: dict[str, object] = {}
+MESHES = {"one": (ONE_DEVICE_MESH, 1), "eight": (EIGHT_DEVICE_MESH, 8)}
 
 
-def run_of(name: str) -> dict:
-    if name not in _RUNS:
-        _RUNS[name] = _two_meshes(name)
-    return _RUNS[name]
+def run_of(name: str, key: str = "one") -> dict:
+    """Two train steps of ``name`` on the "one"- or "eight"-device mesh, from the same initial
+    state and batches (compiled on first use, then shared)."""
+    if (name, key) not in _RUNS:
+        _RUNS[name, key] = _two_steps(name, key)
+    return _RUNS[name, key]
 
 
-def _two_meshes(name: str) -> dict:
+def _two_steps(name: str, key: str) -> dict:
     batches = [images(1), images(2)]
-    out: dict = {"batches": batches}
-    initial = None
-    for key, mesh, devices in (("one", ONE_DEVICE_MESH, jax.devices()[:1]),
-                               ("eight", EIGHT_DEVICE_MESH, jax.devices())):
-        config = image_config(name, mesh)
-        experiment = zoo.train.build(config, devices=devices, data_spec=SPEC)
-        if initial is None:
-            with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-                initial = host_tree(experiment.init_fn())
-        state = jax.device_put(initial, experiment.state_shardings)
-        step = zoo.train.make_train_step(experiment)
+    mesh, count = MESHES[key]
+    config = image_config(name, mesh)
+    experiment = zoo.train.build(config, devices=jax.devices()[:count], data_spec=SPEC)
+    if name not in _INITIAL:
         with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-            first = zoo.train.global_batch(experiment, {"image": batches[0]})
-            state, m1 = step(state, first)
-            m1 = jax.device_get(m1)
-            params1 = host_tree(state.params)
-            with CompileLog() as compiles:
-                state, m2 = step(state, zoo.train.global_batch(experiment,
-                                                               {"image": batches[1]}))
-                m2 = jax.device_get(m2)
-                jax.jit(lambda x: x * 3)(jnp.arange(3.0)).block_until_ready()  # control
-            params2 = host_tree(state.params)
-            flops = (compiled_flops(step.lower(experiment.abstract_state, first).compile())
-                     if key == "one" else None)
-        out[key] = dict(config=config, experiment=experiment, metrics=[m1, m2],
-                        params=[params1, params2], compiles=compiles, xla_flops=flops)
-    out["initial"] = initial
-    return out
+            _INITIAL[name] = host_tree(experiment.init_fn())
+    initial = _INITIAL[name]
+    state = jax.device_put(initial, experiment.state_shardings)
+    step = zoo.train.make_train_step(experiment)
+    with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
+        first = zoo.train.global_batch(experiment, {"image": batches[0]})
+        state, m1 = step(state, first)
+        m1 = jax.device_get(m1)
+        params1 = host_tree(state.params)
+        with CompileLog() as compiles:
+            state, m2 = step(state, zoo.train.global_batch(experiment,
+                                                           {"image": batches[1]}))
+            m2 = jax.device_get(m2)
+            jax.jit(lambda x: x * 3)(jnp.arange(3.0)).block_until_ready()  # control
+        params2 = host_tree(state.params)
+        flops = (compiled_flops(step.lower(experiment.abstract_state, first).compile())
+                 if key == "one" else None)
+    return dict(config=config, experiment=experiment, metrics=[m1, m2], initial=initial,
+                params=[params1, params2], compiles=compiles, xla_flops=flops)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_train_step_runs_moves_parameters_and_does_not_recompile(name):
     run = run_of(name)
-    for key in ("one", "eight"):
-        for i, metrics in enumerate(run[key]["metrics"]):
-            assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0, (key, i, metrics)
-            assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0, (key, i)
-            assert metrics["skipped"] == 0
-        compiles = run[key]["compiles"]
-        assert compiles.count("<lambda>") == 1, "the compile log capture saw nothing"
-        assert compiles.count("train_step") == 0, (key, compiles.messages)
+    for i, metrics in enumerate(run["metrics"]):
+        assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0, (i, metrics)
+        assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0, i
+        assert metrics["skipped"] == 0
+    compiles = run["compiles"]
+    assert compiles.count("<lambda>") == 1, "the compile log capture saw nothing"
+    assert compiles.count("train_step") == 0, compiles.messages
+    # After two steps every parameter has moved (two: the residual restoration decoders start
+    # with a zero output layer, so their inner layers get gradients from the second step on).
     before = leaves_with_paths(run["initial"].params)
-    after = leaves_with_paths(run["one"]["params"][0])
+    after = leaves_with_paths(run["params"][1])
     unmoved = [path for (path, a), (_, b) in zip(before, after) if np.array_equal(a, b)]
-    assert not unmoved, f"the first step left {unmoved} unchanged"
+    assert not unmoved, f"two steps left {unmoved} unchanged"
 
 
-@pytest.mark.parametrize("name", NAMES)
+# mask_dcpt (MAE's masking + DCPT's heads) and restore (DCPT's network without the classifier)
+# add no sharding of their own; their 8-device compiles run in CI's slow step.
+MESH_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in ("mask_dcpt", "restore") else n
+               for n in NAMES]
+
+
+@pytest.mark.parametrize("name", MESH_PARAMS)
 def test_one_and_eight_devices_give_the_same_steps(name):
-    run = run_of(name)
-    one, eight = run["one"], run["eight"]
+    one, eight = run_of(name, "one"), run_of(name, "eight")
+    assert eight["compiles"].count("train_step") == 0, eight["compiles"].messages
     for i in range(2):
         np.testing.assert_allclose(eight["metrics"][i]["loss"], one["metrics"][i]["loss"],
                                    rtol=0, atol=1e-5, err_msg=f"{name}: loss of step {i + 1}")
@@ -127,7 +141,7 @@ def test_one_and_eight_devices_give_the_same_steps(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_prepare_is_a_function_of_the_key(name):
-    objective = run_of(name)["one"]["experiment"].objective
+    objective = run_of(name)["experiment"].objective
     prepare = jax.jit(objective.prepare)
     batch = {"image": jnp.asarray(images(3))}
     first = jax.device_get(prepare(batch, jax.random.PRNGKey(0)))
@@ -143,7 +157,7 @@ def test_prepare_is_a_function_of_the_key(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_analytic_flops_match_xla(name):
     run = run_of(name)
-    experiment, xla = run["one"]["experiment"], run["one"]["xla_flops"]
+    experiment, xla = run["experiment"], run["xla_flops"]
     if xla is None:
         pytest.fail("this backend reports no FLOPs in cost_analysis()")
     ratio = experiment.step_flops / xla
