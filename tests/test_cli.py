@@ -416,7 +416,7 @@ def test_zoo_compare_tiny(digits, tmp_path):
     assert run.code == 0, f"exit {run.code}; stderr: {run.err[-3000:]}"
     with open(out / "results.json") as f:
         results = json.load(f)
-    names = objectives.names("image")
+    names = objectives.suite_names("image")
     assert names, "no image objectives"
     rows = results["rows"]
     assert [r["objective"] for r in rows] == ["random-init", *names]
@@ -443,7 +443,7 @@ def test_zoo_compare_text_tiny(data_dir, tmp_path):
     assert run.code == 0, f"exit {run.code}; stderr: {run.err[-3000:]}"
     with open(out / "results.json") as f:
         results = json.load(f)
-    names = objectives.names("text")
+    names = objectives.suite_names("text")
     assert set(names) >= {"mlm", "span_corruption", "bart", "ul2", "clm", "prefix_lm", "meap"}
     rows = results["rows"]
     assert results["suite"] == "text" and results["dataset"] == "pycode"

@@ -23,7 +23,7 @@ IMAGE_HPARAMS = {
     "mae": {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_width": 64,
             "decoder_depth": 2, "decoder_heads": 4},
 }
-DEFAULT_STEPS = {"image": 1000, "text": 300}
+DEFAULT_STEPS = {"image": 500, "text": 300}
 # The text suite's shared budget: every objective reads the same packed rows of the pycode
 # corpus (batch x seq_len raw tokens per step) with the same width/depth per stack.
 TEXT_BATCH, TEXT_SEQ_LEN = 16, 128
