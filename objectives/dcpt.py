@@ -114,7 +114,7 @@ class _RestorationObjective(ImageObjective):
         try:
             object.__setattr__(self, "kinds", degradations.check_kinds(self.kinds))
         except ValueError as error:
-            raise ValueError(f"objective.kinds: {error}") from None
+            raise ValueError(f"objective.kinds: {str(error).removeprefix('kinds: ')}") from None
         if self.decoder_width % 4 or self.decoder_width % self.decoder_heads:
             raise ValueError(f"objective.decoder_width: {self.decoder_width} must be a multiple "
                              f"of 4 and of decoder_heads={self.decoder_heads}")
