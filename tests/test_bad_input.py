@@ -9,6 +9,7 @@ import os
 import re
 
 import jax
+import numpy as np
 import pytest
 
 import zoo.config
@@ -179,7 +180,13 @@ def test_config_left_by_a_run_that_failed_before_its_first_checkpoint_is_replace
 def test_wrongly_typed_or_partial_settings(data_dir, tmp_path, assignment, field):
     if field is None:   # a mesh without fsdp/tensor axes is valid: the batch rule skips them
         config = zoo.config.override(tiny_config(), [assignment, "steps=1"])
-        zoo.train.train(config, str(tmp_path / "run"))
+        experiment = zoo.train.build(config)
+        assert experiment.mesh.axis_names == ("data",)
+        rows = config.data.batch_size
+        batch = zoo.train.global_batch(experiment, {
+            "image": np.zeros((rows, 32, 32, 1), np.uint8), "label": np.zeros(rows, np.int32)})
+        assert batch["image"].sharding.spec[0] in ("data", ("data",)), batch["image"].sharding
+        assert len(batch["image"].sharding.device_set) == len(jax.devices())
         return
     with pytest.raises(ValueError, match=rf"^{re.escape(field)}: expected"):
         zoo.config.override(tiny_config(), [assignment])
