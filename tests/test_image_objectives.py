@@ -118,10 +118,11 @@ def test_train_step_runs_moves_parameters_and_does_not_recompile(name):
     assert not unmoved, f"two steps left {unmoved} unchanged"
 
 
-# mask_dcpt (MAE's masking + DCPT's heads) and restore (DCPT's network without the classifier)
-# add no sharding of their own; their 8-device compiles run in CI's slow step.
-MESH_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in ("mask_dcpt", "restore") else n
-               for n in NAMES]
+# selfie (a plain ViT on gathered patches), mask_dcpt (MAE's masking + DCPT's heads) and
+# restore (DCPT's network without the classifier) add no sharding of their own; their 8-device
+# compiles run in CI's slow step.
+MESH_PARAMS = [pytest.param(n, marks=pytest.mark.slow)
+               if n in ("selfie", "mask_dcpt", "restore") else n for n in NAMES]
 
 
 @pytest.mark.parametrize("name", MESH_PARAMS)
