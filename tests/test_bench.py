@@ -1,9 +1,13 @@
 """`zoo bench mae` runs end to end on a tiny configuration and reports consistent figures."""
 import jax
 
+import pytest
+
 from zoo.bench import bench_mae
 
 
+# A compile of the benchmark's step on 8 simulated devices: in CI's slow step.
+@pytest.mark.slow
 def test_bench_mae_tiny_reports_consistent_figures():
     printed = []
     result = bench_mae(size="test", patch_size=4, image_size=32, batch_size=8,

@@ -139,6 +139,8 @@ def test_ul2_seq_len_beyond_the_sentinels_exits_2(pycode, tmp_path):
     assert run.out == "" and not os.path.exists(workdir)
 
 
+# A compile of the benchmark's step on 8 simulated devices: in CI's slow step.
+@pytest.mark.slow
 def test_bench_text_prints_mfu_and_the_precorrupted_step():
     run = run_cli("bench", "mlm", "--size", "test", "--batch-size", "8", "--seq-len", "32",
                   "--steps", "1")
