@@ -1,6 +1,5 @@
 """`zoo bench mae` runs end to end on a tiny configuration and reports consistent figures."""
 import jax
-
 import pytest
 
 from zoo.bench import bench_mae
