@@ -129,6 +129,13 @@ class _RestorationObjective(ImageObjective):
             raise ValueError(f"objective.kinds: 'jpeg' needs image sides divisible by 8, got "
                              f"{height}x{width}")
 
+    def prepare(self, batch, rng):
+        """Degrades each image with a random kind (the label), on device; patchified pixels."""
+        clean, degraded, labels = degrade_batch(batch["image"], rng, self.kinds)
+        degraded = patchify(degraded, self.patch_size)
+        return {"patches": degraded}, {"clean": patchify(clean, self.patch_size),
+                                       "degraded": degraded, "labels": labels}
+
     def _decoder_flops(self, model, visible: int) -> float:
         enc, dec = model.encoder, model.heads.decoder
         cls = int(enc.has_cls)
@@ -168,12 +175,6 @@ class DCPT(_RestorationObjective):
         return RestorationHeads(encoder, width=self.decoder_width, depth=self.decoder_depth,
                                 num_heads=self.decoder_heads, masked=False,
                                 num_classes=len(self.kinds), rngs=rngs, dtype=dtype)
-
-    def prepare(self, batch, rng):
-        clean, degraded, labels = degrade_batch(batch["image"], rng, self.kinds)
-        degraded = patchify(degraded, self.patch_size)
-        return {"patches": degraded}, {"clean": patchify(clean, self.patch_size),
-                                       "degraded": degraded, "labels": labels}
 
     def apply(self, model, inputs):
         encoder = model.encoder
@@ -280,8 +281,6 @@ class Restore(_RestorationObjective):
         return RestorationHeads(encoder, width=self.decoder_width, depth=self.decoder_depth,
                                 num_heads=self.decoder_heads, masked=False, num_classes=None,
                                 rngs=rngs, dtype=dtype)
-
-    prepare = DCPT.prepare
 
     def apply(self, model, inputs):
         encoder = model.encoder

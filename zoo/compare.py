@@ -112,7 +112,10 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
 
 
 def _heldout(result: dict) -> dict:
-    return {k: result[k] for k in ("heldout_loss", "heldout_accuracy") if k in result}
+    """The held-out loss and the accuracy of the objective's own task (token accuracy; for
+    token_position, position accuracy)."""
+    accuracy = result.get("heldout_accuracy", result.get("heldout_position_accuracy"))
+    return {"heldout_loss": result["heldout_loss"], "heldout_accuracy": accuracy}
 
 
 def _scores(probe_result: dict) -> dict:
