@@ -189,11 +189,7 @@ class DCPT(_RestorationObjective):
 
     def forward_flops(self, model) -> float:
         enc = model.encoder
-        length = enc.num_patches
-        return (dense_flops(length, enc.patch_dim, enc.width)
-                + transformer_flops(length + int(enc.has_cls), enc.width, enc.depth,
-                                    enc.mlp_dim)
-                + self._decoder_flops(model, length)
+        return (enc.forward_flops() + self._decoder_flops(model, enc.num_patches)
                 + dense_flops(1, enc.width, len(self.kinds)))
 
 
@@ -260,11 +256,8 @@ class MaskDCPT(DCPT):
 
     def forward_flops(self, model) -> float:
         enc = model.encoder
-        length = enc.num_patches
-        kept = int(length * (1 - self.mask_ratio))
-        return (dense_flops(length, enc.patch_dim, enc.width)
-                + transformer_flops(kept + int(enc.has_cls), enc.width, enc.depth, enc.mlp_dim)
-                + self._decoder_flops(model, kept)
+        kept = int(enc.num_patches * (1 - self.mask_ratio))
+        return (enc.forward_flops(kept) + self._decoder_flops(model, kept)
                 + dense_flops(1, enc.width, len(self.kinds)))
 
 
@@ -293,9 +286,5 @@ class Restore(_RestorationObjective):
                      "psnr": psnr(outputs["restored"], targets["clean"]).mean()}
 
     def forward_flops(self, model) -> float:
-        enc = model.encoder
-        length = enc.num_patches
-        return (dense_flops(length, enc.patch_dim, enc.width)
-                + transformer_flops(length + int(enc.has_cls), enc.width, enc.depth,
-                                    enc.mlp_dim)
-                + self._decoder_flops(model, length))
+        return model.encoder.forward_flops() + self._decoder_flops(model,
+                                                                   model.encoder.num_patches)

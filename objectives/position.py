@@ -137,11 +137,7 @@ class Position(ImageObjective):
         # Every patch is a query and the masked keys are computed (then ignored), so the
         # encoder costs what a full forward pass costs.
         enc = model.encoder
-        length = enc.num_patches
-        return (dense_flops(length, enc.patch_dim, enc.width)
-                + transformer_flops(length + int(enc.has_cls), enc.width, enc.depth,
-                                    enc.mlp_dim)
-                + dense_flops(length, enc.width, length))
+        return enc.forward_flops() + dense_flops(enc.num_patches, enc.width, enc.num_patches)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

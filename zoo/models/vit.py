@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.flops import dense_flops, transformer_flops
 from zoo.models.layers import TransformerStack, dense, param
 from zoo.models.posemb import sincos_2d
 
@@ -90,6 +91,14 @@ class ViT(nnx.Module):
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         return self.encode(self.embed(patches))
+
+    def forward_flops(self, encoded: int | None = None) -> float:
+        """Forward FLOPs of one example: every patch embedded, ``encoded`` patches (default:
+        all) plus the cls token through the blocks."""
+        encoded = self.num_patches if encoded is None else encoded
+        return (dense_flops(self.num_patches, self.patch_dim, self.width)
+                + transformer_flops(encoded + int(self.has_cls), self.width, self.depth,
+                                    self.mlp_dim))
 
     def features(self, patches: jax.Array) -> jax.Array:
         """Frozen-feature view for probes: mean of the patch tokens (cls excluded) -> [B, width]."""
