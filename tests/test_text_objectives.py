@@ -108,6 +108,23 @@ def run_of(name: str) -> dict:
     return _RUNS[name]
 
 
+_OBJECTIVES: dict[str, object] = {}
+
+
+def objective_of(name: str):
+    """The tiny config's objective, as the trainer builds it (nothing compiles)."""
+    if name not in _OBJECTIVES:
+        _OBJECTIVES[name] = zoo.train.build(text_config(name), devices=jax.devices()[:1]).objective
+    return _OBJECTIVES[name]
+
+
+# The train steps of the two heaviest corruptions (BART's noising, UL2's seven denoisers) compile
+# for ~15 s each on two cores: the tests that run them are in CI's slow step; their corruption
+# functions are tested without a train step here and in tests/test_bart.py, tests/test_ul2.py.
+STEP_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in ("bart", "ul2") else n
+               for n in NAMES]
+
+
 def eight_of(name: str) -> dict:
     """The same two steps on all 8 devices (data=4 x fsdp=2), from the same initial state."""
     run = run_of(name)
@@ -153,7 +170,7 @@ def one_device_loss(run: dict, tokens: np.ndarray, *, step: int = 0) -> dict:
 # 1. The train step.
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", STEP_PARAMS)
 def test_train_step_runs_moves_parameters_and_does_not_recompile(data_dir, name):
     run = run_of(name)
     one = run["one"]
@@ -230,7 +247,7 @@ def padded_batch() -> np.ndarray:
 def prepared_of(name: str) -> dict:
     """``objective.prepare`` jitted once, applied to ``padded_batch`` with several keys."""
     if name not in _PREPARED:
-        objective = run_of(name)["one"]["experiment"].objective
+        objective = objective_of(name)
         prepare = jax.jit(objective.prepare)
         tokens = padded_batch()
         base = jax.random.PRNGKey(0)
@@ -267,7 +284,7 @@ def test_prepare_is_a_function_of_the_key(data_dir, name):
         assert len(differ - {BATCH - 1}) >= 4, f"{name}: only rows {differ} changed with the key"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", STEP_PARAMS)
 def test_the_train_step_draws_a_new_corruption_each_step(data_dir, name):
     """Same parameters, same batch: the loss depends on the step number through the rng only
     (clm draws nothing, so its loss must not change)."""
@@ -398,7 +415,7 @@ def produced_lengths(name: str, inputs, targets) -> dict[str, int]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_model_lengths_match_prepare_and_the_model_runs(data_dir, name):
-    objective = run_of(name)["one"]["experiment"].objective
+    objective = objective_of(name)
     for seq_len in (8, 33, SEQ_LEN, 200):
         batch = {"tokens": jax.ShapeDtypeStruct((2, seq_len), jnp.int32)}
         inputs, targets = jax.eval_shape(objective.prepare, batch, jax.random.PRNGKey(0))
