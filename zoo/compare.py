@@ -156,6 +156,9 @@ def write_results(results: dict, out_dir: str) -> None:
 
 
 def plot_results(results: dict, path: str) -> None:
+    if results["suite"] == "restoration":
+        from zoo.restoration import plot_restoration
+        return plot_restoration(results, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -98,7 +97,8 @@ def compare_restoration(out_dir: str, *, steps: int | None = None, tiny: bool = 
                "model": dataclasses.asdict(identity.model),
                "kinds": list(objectives.get("restore").kinds), "rows": rows}
     if jax.process_index() == 0:
-        write_restoration_results(results, out_dir)
+        from zoo.compare import write_results   # the suites' shared writer (json, md, png)
+        write_results(results, out_dir)
         examples_grid(identity, workdirs, os.path.join(out_dir, "examples.png"))
     return results
 
@@ -127,14 +127,6 @@ def restoration_table(results: dict) -> str:
             f"{row['finetune_steps']} | {row['heldout_psnr']:.2f} dB | "
             f"{row['heldout_l1']:.4f} | {row['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def write_restoration_results(results: dict, out_dir: str) -> None:
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(restoration_table(results))
-    plot_restoration(results, os.path.join(out_dir, "results.png"))
 
 
 def plot_restoration(results: dict, path: str) -> None:
