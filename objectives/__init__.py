@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from objectives.base import ImageObjective, Objective, patchify, unpatchify
+from objectives.base import (ImageObjective, Objective, StepContext, cosine_momentum, ema,
+                             patchify, unpatchify)
 from objectives.bart import BART
 from objectives.causal import CLM, MEAP, PrefixLM
+from objectives.contrastive import CLIP, PairObjective, SigLIP, SimCLR
 from objectives.dcpt import DCPT, MaskDCPT, Restore
+from objectives.distill import BYOL, DINO
 from objectives.mae import MAE
 from objectives.mlm import MLM
 from objectives.position import Position, TokenPosition
@@ -16,8 +19,9 @@ from objectives.text_base import Seq2SeqObjective, TextObjective
 from objectives.ul2 import UL2
 
 _OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (MAE, Position, Selfie, DCPT, MaskDCPT, Restore, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP,
-                              TokenPosition)}
+    cls.name: cls for cls in (MAE, Position, Selfie, SimCLR, BYOL, DINO, DCPT, MaskDCPT,
+                              Restore, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP,
+                              TokenPosition, CLIP, SigLIP)}
 
 
 def names(modality: str | None = None) -> tuple[str, ...]:
@@ -26,7 +30,8 @@ def names(modality: str | None = None) -> tuple[str, ...]:
 
 
 def suite_names(suite: str) -> tuple[str, ...]:
-    """The objectives ``zoo compare --suite SUITE`` pretrains ("image", "text", "restoration")."""
+    """The objectives ``zoo compare --suite SUITE`` pretrains ("image", "text", "restoration",
+    "retrieval")."""
     return tuple(n for n, cls in _OBJECTIVES.items() if cls.suite == suite)
 
 
@@ -53,7 +58,7 @@ def get(name: str, **hparams) -> Objective:
     return cls(**hparams)
 
 
-__all__ = ["BART", "CLM", "DCPT", "ImageObjective", "MAE", "MEAP", "MLM", "MaskDCPT",
-           "Objective", "Position", "PrefixLM", "Restore", "Selfie", "Seq2SeqObjective",
-           "SpanCorruption", "TextObjective", "TokenPosition", "UL2", "get", "modality_of",
+__all__ = ["BART", "BYOL", "CLIP", "CLM", "DCPT", "DINO", "ImageObjective", "MAE", "MEAP", "MLM", "MaskDCPT",
+           "Objective", "PairObjective", "Position", "PrefixLM", "Restore", "Selfie", "Seq2SeqObjective", "SigLIP", "SimCLR",
+           "SpanCorruption", "StepContext", "TextObjective", "TokenPosition", "UL2", "cosine_momentum", "ema", "get", "modality_of",
            "names", "patchify", "suite_names", "unpatchify"]

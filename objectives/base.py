@@ -10,6 +10,9 @@ over in jit) plus pure functions, in the spirit of optax's ``GradientTransformat
 * ``loss(outputs, targets) -> (scalar, metrics)``.
 
 Learnable loss parameters (a temperature, a bias) belong in a head, so objectives stay stateless.
+Objectives that carry state between steps (an EMA teacher, DINO's centre) set ``stateful = True``:
+their state lives in the train state (checkpointed and resumed like parameters), their ``apply``
+also gets a ``StepContext``, and ``update_state`` advances the state after each applied update.
 
 Adding an objective::
 
@@ -37,6 +40,36 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What a stateful objective's ``apply`` sees besides the model and inputs.
+
+    Attributes:
+      state: the objective's state (``init_state``'s pytree; read-only here).
+      teacher: the model with the teacher's parameters (``state["teacher"]``), or None. No
+        gradient flows into it: only the train state's ``params`` are differentiated.
+      step: int32 scalar, the 0-based index of this step.
+      total_steps: the run's length (``config.steps``), for schedules.
+    """
+
+    state: Any
+    teacher: Any
+    step: jax.Array
+    total_steps: int
+
+
+def cosine_momentum(base: float, step, total_steps: int):
+    """BYOL's / DINO's EMA momentum: ``1 - (1 - base) * (cos(pi * step / total) + 1) / 2``,
+    ``base`` at step 0 rising to 1 at the last step."""
+    progress = jnp.asarray(step, jnp.float32) / max(total_steps, 1)
+    return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+
+
+def ema(teacher, student, momentum):
+    """``momentum * teacher + (1 - momentum) * student``, leaf by leaf."""
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:
     """Base class: subclasses add hyperparameter fields and implement the four functions."""
@@ -46,6 +79,7 @@ class Objective:
     reference: ClassVar[str] = ""    # paper / reference code it matches
     required_posemb: ClassVar[str | None] = None   # e.g. "none": the backbone must not get any
     suite: ClassVar[str | None] = None   # the `zoo compare --suite` that runs it (None: none)
+    stateful: ClassVar[bool] = False     # True: apply(model, inputs, context); see StepContext
 
     def validate(self, *, image_shape: tuple[int, int, int]) -> None:
         """Checks hyperparameters against the data before anything compiles."""
@@ -62,6 +96,20 @@ class Objective:
 
     def loss(self, outputs: Any, targets: Any) -> tuple[jax.Array, Metrics]:
         raise NotImplementedError
+
+    def init_state(self, params) -> dict:
+        """The objective's state at step 0 (stateful objectives), e.g. ``{"teacher": params}``."""
+        return {}
+
+    def update_state(self, state: dict, *, params, outputs, step: jax.Array,
+                     total_steps: int) -> dict:
+        """The state after an applied update: ``params`` are the new parameters, ``outputs``
+        this step's ``apply`` outputs (no gradient)."""
+        return state
+
+    def constrain_params(self, params):
+        """Projects parameters after each optimizer update (e.g. CLIP's logit-scale clamp)."""
+        return params
 
     def forward_flops(self, model: nnx.Module) -> float | None:
         """Model FLOPs of one example's forward pass (multiply-adds count 2); None if unknown,

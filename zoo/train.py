@@ -49,6 +49,7 @@ class TrainState(NamedTuple):
     rng: jax.Array                   # uint32[2] base key; each step folds in its number
     nonfinite_steps: jax.Array       # int32: updates skipped for a non-finite loss/gradient
     first_nonfinite_step: jax.Array  # int32: the first such step, -1 if none
+    objective_state: Any = None      # stateful objectives: EMA teacher, DINO centre, ...
 
 
 @dataclasses.dataclass
@@ -86,10 +87,12 @@ def make_objective(config: config_lib.Config, data_spec=None) -> objectives.Obje
     name = config.objective["name"]
     modality = objectives.modality_of(name)
     vocab_size = getattr(data_spec, "vocab_size", None) or zoo.text.VOCAB_SIZE
-    injected = {"image": ("patch_size", config.model.patch_size, "model.patch_size"),
-                "text": ("vocab_size", vocab_size, "the tokenizer")}.get(modality)
-    if injected:
-        field, value, source = injected
+    patch = ("patch_size", config.model.patch_size, "model.patch_size")
+    vocab = ("vocab_size", vocab_size, "the tokenizer")
+    injected = {"image": [patch], "text": [vocab],
+                "pairs": [patch, vocab, ("text_len", config.data.seq_len, "data.seq_len")]
+                }.get(modality, [])
+    for field, value, source in injected:
         if field in hparams and hparams[field] != value:
             raise ValueError(f"objective.{field}: {hparams[field]} differs from {source} "
                              f"({value}); leave it out")
@@ -97,9 +100,18 @@ def make_objective(config: config_lib.Config, data_spec=None) -> objectives.Obje
     return objectives.get(name, **hparams)
 
 
-def model_name(config: config_lib.Config, objective: objectives.Objective) -> str:
+def backbone_kind(objective: objectives.Objective, data_spec=None) -> str:
+    """The backbone an objective trains: a ViT for images, its own architecture for text, and
+    for two-tower objectives the kind of the data's first tower (vit or a text encoder)."""
+    if objective.modality == "pairs":
+        return "vit" if data_spec is None or data_spec.towers[0] == "image" else "encoder"
+    return "vit" if objective.modality == "image" else objective.architecture
+
+
+def model_name(config: config_lib.Config, objective: objectives.Objective,
+               data_spec=None) -> str:
     """The backbone ``config.model.name`` asks for ("auto": the one the objective trains)."""
-    wanted = "vit" if objective.modality == "image" else objective.architecture
+    wanted = backbone_kind(objective, data_spec)
     name = config.model.name
     if name == "auto":
         return wanted
@@ -112,13 +124,15 @@ def model_name(config: config_lib.Config, objective: objectives.Objective) -> st
     return name
 
 
-def model_posemb(config: config_lib.Config, objective: objectives.Objective) -> str:
+def model_posemb(config: config_lib.Config, objective: objectives.Objective,
+                 data_spec=None) -> str:
     """The position embeddings ``config.model.posemb`` asks for ("auto": the objective's
     requirement if it has one, else sincos2d for the ViT and learned ones for text models)."""
     required = objective.required_posemb
     posemb = config.model.posemb
     if posemb == "auto":
-        return required or ("sincos2d" if objective.modality == "image" else "learn")
+        return required or ("sincos2d" if backbone_kind(objective, data_spec) == "vit"
+                            else "learn")
     if required is not None and posemb != required:
         raise ValueError(f"model.posemb: objective {objective.name!r} needs {required!r} "
                          f"(got {posemb!r}); use 'auto' or {required!r}")
@@ -130,7 +144,8 @@ def create_model(config: config_lib.Config, objective: objectives.Objective, dat
     """Backbone from ``config.model`` plus the objective's heads (unsharded; see ``init_state``)."""
     m = config.model
     dtype = config_lib.DTYPES[m.dtype]
-    name = model_name(config, objective)
+    name = model_name(config, objective, data_spec)
+    posemb = model_posemb(config, objective, data_spec)
     dims = dict(size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                 mlp_dim=m.mlp_dim, dtype=dtype, rngs=rngs)
     if name == "vit":
@@ -138,13 +153,12 @@ def create_model(config: config_lib.Config, objective: objectives.Objective, dat
         grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)
         encoder = zoo.models.get(
             name, grid=grid, patch_dim=m.patch_size**2 * image_shape[2],
-            posemb=model_posemb(config, objective), cls_token=m.cls_token,
+            posemb=posemb, cls_token=m.cls_token,
             **dims)
     else:
         encoder = zoo.models.get(
             name, vocab_size=objective.vocab_size,
-            max_len=objective.max_len(config.data.seq_len),
-            posemb=model_posemb(config, objective), **dims)
+            max_len=objective.max_len(config.data.seq_len), posemb=posemb, **dims)
     heads = objective.make_heads(encoder, rngs=rngs, dtype=dtype)
     return zoo.models.PretrainModel(encoder, heads)
 
@@ -155,17 +169,21 @@ def dataset_spec(config: config_lib.Config, name: str | None = None):
     name = name or config.data.name
     objective_name = config.objective["name"]
     wanted = objectives.modality_of(objective_name)
+    data_dir = config.data.data_dir
     try:
-        is_text = zoo.data.is_text_dataset(name, data_dir=config.data.data_dir)
-        spec = (zoo.data.text_dataset_spec(name, data_dir=config.data.data_dir) if is_text
-                else zoo.data.dataset_spec(name, data_dir=config.data.data_dir))
+        if zoo.data.is_pair_dataset(name):
+            modality, spec = "pairs", zoo.data.pair_dataset_spec(name, data_dir=data_dir)
+        elif zoo.data.is_text_dataset(name, data_dir=data_dir):
+            modality, spec = "text", zoo.data.text_dataset_spec(name, data_dir=data_dir)
+        else:
+            modality, spec = "image", zoo.data.dataset_spec(name, data_dir=data_dir)
     except (ValueError, FileNotFoundError) as error:
         raise ValueError(f"data.name: {error}") from None
-    modality = "text" if is_text else "image"
     if modality != wanted:
-        raise ValueError(f"data.name: {name!r} is {modality} data but objective "
+        kind = {"pairs": "paired"}.get(modality, modality)
+        raise ValueError(f"data.name: {name!r} is {kind} data but objective "
                          f"{objective_name!r} needs {wanted} data; objectives for "
-                         f"{modality} data: {objectives.names(modality)}")
+                         f"{kind} data: {objectives.names(modality)}")
     return spec
 
 
@@ -192,8 +210,8 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     if data_spec is None:
         data_spec = dataset_spec(config)
     objective = make_objective(config, data_spec)
-    model_name(config, objective)
-    model_posemb(config, objective)
+    model_name(config, objective, data_spec)
+    model_posemb(config, objective, data_spec)
     if data_spec.splits and config.data.split.split("[")[0] not in data_spec.splits:
         raise ValueError(f"data.split: unknown {config.data.split!r} for {config.data.name!r}; "
                          f"allowed: {tuple(data_spec.splits)}")
@@ -204,6 +222,11 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
         objective.validate(image_shape=data_spec.image_shape)
     else:
         objective.validate(seq_len=config.data.seq_len)
+    if objective.modality == "pairs" and data_spec.towers[0] == "image":
+        height, width, _ = data_spec.image_shape
+        if height % config.model.patch_size or width % config.model.patch_size:
+            raise ValueError(f"model.patch_size: image size {height}x{width} is not divisible "
+                             f"by patch size {config.model.patch_size}")
     mesh = make_mesh(config.mesh, devices)
     parallel = data_parallel_size(mesh, config.rules)
     if config.data.batch_size % parallel:
@@ -220,7 +243,8 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
         params = nnx.state(model, nnx.Param)
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(config.seed + 1),
-                          nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1))
+                          nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1),
+                          objective_state=objective.init_state(params))
 
     with nnx.logical_axis_rules(config.rules):
         abstract = jax.eval_shape(init)
@@ -313,37 +337,78 @@ def objective_salt(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
+def make_loss_fn(experiment: Experiment, *, prepared: bool = False):
+    """``loss_fn(params, objective_state, step, batch, rng) -> (loss, (metrics, outputs))``: the
+    objective's forward pass on the (global) batch, to differentiate w.r.t. ``params``."""
+    objective, graphdef = experiment.objective, experiment.graphdef
+    total_steps = experiment.config.steps
+
+    def loss_fn(params, objective_state, step, batch, rng):
+        model = nnx.merge(graphdef, params)
+        inputs, targets = batch if prepared else objective.prepare(batch, rng)
+        if objective.stateful:
+            teacher = (nnx.merge(graphdef, objective_state["teacher"])
+                       if "teacher" in objective_state else None)
+            context = objectives.StepContext(state=objective_state, teacher=teacher,
+                                             step=step, total_steps=total_steps)
+            outputs = objective.apply(model, inputs, context)
+        else:
+            outputs = objective.apply(model, inputs)
+        loss, metrics = objective.loss(outputs, targets)
+        return loss, (metrics, jax.lax.stop_gradient(outputs))
+
+    return loss_fn
+
+
+def make_loss_and_grad(experiment: Experiment):
+    """Jitted ``(state, batch) -> (loss, grads)`` at the state's step, on the experiment's mesh:
+    what the train step differentiates (tests compare it across meshes)."""
+    loss_fn, salt = make_loss_fn(experiment), objective_salt(experiment.objective.name)
+
+    def loss_and_grad(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.objective_state, state.step, batch, rng)
+        return loss, grads
+
+    return jax.jit(loss_and_grad, in_shardings=(experiment.state_shardings, None),
+                   out_shardings=(None, experiment.state_shardings.params))
+
+
 def make_train_step(experiment: Experiment, *, prepared: bool = False):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
     ``prepared=True`` makes a step that is fed ``objective.prepare``'s ``(inputs, targets)``
     instead of a raw batch (benchmarks use it to price the on-device corruption)."""
-    objective, graphdef, tx = experiment.objective, experiment.graphdef, experiment.tx
+    objective, tx = experiment.objective, experiment.tx
     schedule, salt = experiment.schedule, objective_salt(experiment.objective.name)
-
-    def loss_fn(params, batch, rng):
-        model = nnx.merge(graphdef, params)
-        inputs, targets = batch if prepared else objective.prepare(batch, rng)
-        outputs = objective.apply(model, inputs)
-        return objective.loss(outputs, targets)
+    total_steps = experiment.config.steps
+    loss_fn = make_loss_fn(experiment, prepared=prepared)
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng)
+        (loss, (metrics, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.objective_state, state.step, batch, rng)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def apply_update(params, opt_state, grads):
+        def apply_update(params, opt_state, objective_state, grads):
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            params = objective.constrain_params(optax.apply_updates(params, updates))
+            objective_state = objective.update_state(
+                objective_state, params=params, outputs=outputs, step=state.step,
+                total_steps=total_steps)
+            return params, opt_state, objective_state
+
+        def skip(params, opt_state, objective_state, grads):
+            return params, opt_state, objective_state
 
         # A cond, not jnp.where(finite, new, old): the select keeps the old optimizer state
         # alive next to the new one, and XLA then copies every donated mu/nu buffer each step
         # (BERT-base: 874 MB of copies per step on CPU).
-        params, opt_state = jax.lax.cond(
-            finite, apply_update, lambda params, opt_state, grads: (params, opt_state),
-            state.params, state.opt_state, grads)
+        params, opt_state, objective_state = jax.lax.cond(
+            finite, apply_update, skip, state.params, state.opt_state, state.objective_state,
+            grads)
         bad = jnp.logical_not(finite).astype(jnp.int32)
         new_state = TrainState(
             step=state.step + 1,
@@ -352,7 +417,8 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False):
             rng=state.rng,
             nonfinite_steps=state.nonfinite_steps + bad,
             first_nonfinite_step=jnp.where((bad > 0) & (state.first_nonfinite_step < 0),
-                                           state.step, state.first_nonfinite_step))
+                                           state.step, state.first_nonfinite_step),
+            objective_state=objective_state)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "skipped": bad.astype(jnp.float32)}
         return new_state, metrics
@@ -399,6 +465,10 @@ def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: b
     if experiment.objective.modality == "text":
         source = zoo.data.get_text_source(data.name, split, data_dir=data.data_dir)
         return zoo.data.PackedBatchIterator(source, seq_len=data.seq_len, **common)
+    if experiment.objective.modality == "pairs":
+        source = zoo.data.get_pair_source(data.name, split, seq_len=data.seq_len,
+                                          data_dir=data.data_dir)
+        return zoo.data.BatchIterator(source, **common)
     source = zoo.data.get_source(data.name, split, data_dir=data.data_dir)
     return zoo.data.BatchIterator(source, **common)
 

@@ -6,7 +6,8 @@ is stream positions [k*B, (k+1)*B): batches cross epoch boundaries, so every
 batch is full (static shapes, no recompiles) and none is ever dropped.
 Process p of P reads only rows [p*B/P, (p+1)*B/P) of each global batch, so the
 global batch is the same for any process count, and the iterator state (just
-the step) can be restored on a different number of hosts.
+the step) can be restored on a different number of hosts. Batches stack every
+key of the examples (see `stack_examples`), so paired sources work too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def _grain_seed(seed: int) -> int:
   return zlib.crc32(f"zoo.data.BatchIterator/{int(seed)}".encode())
 
 
+def stack_examples(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """Stacks every key of `examples` along a new leading batch axis.
+
+  Arrays keep their dtype (uint8 images stay uint8, int32 tokens stay int32);
+  64-bit integers, including Python ints such as labels, become int32.
+  """
+  batch = {}
+  for key in examples[0]:
+    values = np.stack([np.asarray(e[key]) for e in examples])
+    if values.dtype.kind in "iu" and values.dtype.itemsize > 4:
+      values = values.astype(np.int32)
+    batch[key] = values
+  return batch
+
+
 class BatchIterator:
   """Deterministic, resumable iterator of this process's share of each global batch.
 
@@ -38,11 +54,15 @@ class BatchIterator:
                        seed=0, process_index=jax.process_index(),
                        process_count=jax.process_count())
     batch = next(it)   # {"image": uint8 [64, 32, 32, 1], "label": int32 [64]}
+    # A paired source (`zoo.data.get_pair_source`) gives its own keys, e.g.
+    # {"code": int32 [64, seq_len], "text": int32 [64, seq_len]}.
     state = it.get_state()  # goes into the checkpoint, e.g. {"step": 1, ...}
 
   Args:
-    source: random access, `len(source)` and `source[i]` -> {"image", "label"};
-      a `__getitems__(indices)` method, if present, reads a batch at once.
+    source: random access, `len(source)` and `source[i]` -> a dict of arrays
+      or numbers with the same keys for every example (e.g. {"image",
+      "label"}); a `__getitems__(indices)` method, if present, reads a batch
+      at once. Every key is stacked as in `stack_examples`.
     global_batch_size: examples per global batch, over all processes.
     seed: shuffle seed (any int).
     shuffle: if False, every epoch is the stored order.
@@ -110,10 +130,7 @@ class BatchIterator:
     examples = (getitems(indices) if getitems else
                 [self._source[i] for i in indices])
     self._step += 1  # Only after a successful read, so a retry is exact.
-    return {
-        "image": np.stack([np.asarray(e["image"], np.uint8) for e in examples]),
-        "label": np.asarray([e["label"] for e in examples], np.int32),
-    }
+    return stack_examples(examples)
 
   def get_state(self) -> dict[str, Any]:
     """A small JSON-serialisable dict; independent of the process layout."""

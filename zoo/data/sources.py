@@ -1,8 +1,9 @@
 """Dataset names -> random-access sources over TFDS array_record files.
 
 Two kinds of names:
-  * bundled datasets ("digits", "digits/8x8", "photos/32x32", ...; and the
-    text dataset "pycode", read through `zoo.data.text`): our TFDS builders,
+  * bundled datasets ("digits", "digits/8x8", "photos/32x32", ...; the text
+    dataset "pycode", read through `zoo.data.text`; the paired dataset
+    "pycode_pairs", read through `zoo.data.pairs`): our TFDS builders,
     prepared lazily into the data dir on first use;
   * "tfds:NAME" (e.g. "tfds:mnist", "tfds:cifar10"): any TFDS dataset already
     prepared as array_record in the data dir. Nothing is ever downloaded.
@@ -25,6 +26,7 @@ import tensorflow_datasets as tfds
 from zoo.data.digits import digits_dataset_builder
 from zoo.data.photos import photos_dataset_builder
 from zoo.data.pycode import pycode_dataset_builder
+from zoo.data.pycode_pairs import pycode_pairs_dataset_builder
 
 KNOWN_DATASETS = ("digits", "photos", "pycode")  # plus "tfds:NAME"
 TFDS_PREFIX = "tfds:"
@@ -32,6 +34,8 @@ _BUILDERS = {
     "digits": digits_dataset_builder.Builder,
     "photos": photos_dataset_builder.Builder,
     "pycode": pycode_dataset_builder.Builder,  # Text: see zoo.data.text.
+    # (code, docstring) pairs: see zoo.data.pairs.
+    "pycode_pairs": pycode_pairs_dataset_builder.Builder,
 }
 _FILE_FORMAT = "array_record"
 log = logging.getLogger(__name__)

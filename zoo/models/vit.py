@@ -53,18 +53,28 @@ class ViT(nnx.Module):
                              (None, None, "embed"))
         self.encoder = TransformerStack(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
 
-    def position_embeddings(self) -> jax.Array | None:
-        """[num_patches, width] or None when the encoder has no position embeddings."""
-        if self.posemb_kind == "sincos2d":
-            return jnp.asarray(sincos_2d(self.width, *self.grid))
-        if self.posemb_kind == "learn":
-            return self.posemb[...]
-        return None
+    def position_embeddings(self, grid: tuple[int, int] | None = None) -> jax.Array | None:
+        """[grid_h * grid_w, width] or None when the encoder has no position embeddings.
 
-    def embed(self, patches: jax.Array) -> jax.Array:
-        """Linear patch embedding plus position embedding: [B, L, patch_dim] -> [B, L, width]."""
+        Another ``grid`` than the model's (e.g. DINO's small local crops) gets the table
+        resized bicubically, as DINO's ``interpolate_pos_encoding`` does."""
+        if self.posemb_kind == "sincos2d":
+            pos = jnp.asarray(sincos_2d(self.width, *self.grid))
+        elif self.posemb_kind == "learn":
+            pos = self.posemb[...]
+        else:
+            return None
+        grid = tuple(grid or self.grid)
+        if grid != self.grid:
+            table = pos.reshape(*self.grid, self.width)
+            pos = jax.image.resize(table, (*grid, self.width), "bicubic").reshape(-1, self.width)
+        return pos
+
+    def embed(self, patches: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
+        """Linear patch embedding plus position embedding: [B, L, patch_dim] -> [B, L, width].
+        ``grid``: the patch grid of ``patches`` when it is not the model's."""
         x = self.patch_embed(patches)
-        pos = self.position_embeddings()
+        pos = self.position_embeddings(grid)
         if pos is not None:
             x = x + pos.astype(x.dtype)
         return x
