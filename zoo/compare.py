@@ -16,12 +16,22 @@ import objectives
 from zoo import config as config_lib
 from zoo.config import Config, DataConfig, ModelConfig, OptimConfig
 
-SUITES = ("image", "text", "restoration")   # restoration: see zoo/restoration.py
+SUITES = ("image", "text", "restoration", "retrieval")   # see zoo/restoration.py, zoo/retrieval.py
 
 # Hyperparameters each objective uses in the image suite (its head sized to the micro backbone).
 IMAGE_HPARAMS = {
     "mae": {"mask_ratio": 0.75, "norm_pix_loss": False, "decoder_width": 64,
             "decoder_depth": 2, "decoder_heads": 4},
+    "simclr": {"proj_dim": 64},
+    "byol": {"proj_hidden": 512, "proj_dim": 128},
+    "dino": {"out_dim": 1024, "head_hidden": 512, "head_bottleneck": 128, "num_local": 4},
+}
+# The same heads shrunk for ``tiny`` runs (smoke tests).
+TINY_HPARAMS = {
+    "mae": {"decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2},
+    "simclr": {"proj_dim": 16},
+    "byol": {"proj_hidden": 32, "proj_dim": 16},
+    "dino": {"out_dim": 64, "head_hidden": 32, "head_bottleneck": 16, "num_local": 2},
 }
 DEFAULT_STEPS = {"image": 500, "text": 300}
 # The text suite's shared budget: every objective reads the same packed rows of the pycode
@@ -46,8 +56,7 @@ def suite_config(suite: str, objective: str, *, steps: int | None = None,
             checkpoint_every=steps, keep_checkpoints=1))
     hparams = dict(IMAGE_HPARAMS.get(objective, {}))
     if tiny:
-        hparams.update({k: v for k, v in {"decoder_width": 32, "decoder_depth": 1,
-                                          "decoder_heads": 2}.items() if k in hparams})
+        hparams.update(TINY_HPARAMS.get(objective, {}))
     return config_lib.validate(Config(
         model=ModelConfig(size="test" if tiny else "micro", patch_size=4),
         objective={"name": objective, **hparams},
@@ -82,6 +91,9 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
         from zoo.restoration import compare_restoration
         return compare_restoration(out_dir, steps=steps, tiny=tiny, only=only,
                                    progress=progress)
+    if suite == "retrieval":
+        from zoo.retrieval import compare_retrieval
+        return compare_retrieval(out_dir, steps=steps, tiny=tiny, only=only, progress=progress)
     names = only or objectives.suite_names(suite)
     os.makedirs(out_dir, exist_ok=True)
     configs = {name: suite_config(suite, name, steps=steps, tiny=tiny) for name in names}
@@ -127,6 +139,9 @@ def results_table(results: dict) -> str:
     if results["suite"] == "restoration":
         from zoo.restoration import restoration_table
         return restoration_table(results)
+    if results["suite"] == "retrieval":
+        from zoo.retrieval import retrieval_table
+        return retrieval_table(results)
     model = results["model"]
     backbone = (f"ViT `{model['size']}` / patch {model['patch_size']}"
                 if results["suite"] == "image" else f"backbones of size `{model['size']}`")
@@ -159,6 +174,9 @@ def plot_results(results: dict, path: str) -> None:
     if results["suite"] == "restoration":
         from zoo.restoration import plot_restoration
         return plot_restoration(results, path)
+    if results["suite"] == "retrieval":
+        from zoo.retrieval import plot_retrieval
+        return plot_retrieval(results, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
