@@ -50,12 +50,14 @@ class StepContext:
         gradient flows into it: only the train state's ``params`` are differentiated.
       step: int32 scalar, the 0-based index of this step.
       total_steps: the run's length (``config.steps``), for schedules.
+      merge: ``params -> model`` (rebuilds a model from a parameter tree, e.g. a teacher's).
     """
 
     state: Any
     teacher: Any
     step: jax.Array
     total_steps: int
+    merge: Any = None
 
 
 def cosine_momentum(base: float, step, total_steps: int):
@@ -106,6 +108,10 @@ class Objective:
         """The state after an applied update: ``params`` are the new parameters, ``outputs``
         this step's ``apply`` outputs (no gradient)."""
         return state
+
+    def phase(self, step: int):
+        """Which parts run at Python ``step`` (mixtures compile one step per phase)."""
+        return None
 
     def constrain_params(self, params):
         """Projects parameters after each optimizer update (e.g. CLIP's logit-scale clamp)."""

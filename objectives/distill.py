@@ -44,7 +44,8 @@ class BYOL(ImageObjective):
     """BYOL (Grill et al. 2020; deepmind-research/byol).
 
     Online network = encoder + projector + predictor; target = EMA of encoder + projector. Two
-    views with BYOL's asymmetric augmentations (blur p 1.0 / 0.1, solarize p 0 / 0.2); loss =
+    views with BYOL's asymmetric augmentations (colour jitter 0.4/0.4/0.2/0.1, blur p 1.0 / 0.1,
+    solarize p 0 / 0.2); loss =
     ``l(p1, z2') + l(p2, z1')`` with ``l = 2 - 2 cos``. Each view goes through the projector
     separately (BN statistics per view, as the reference's two forward passes).
 
@@ -76,7 +77,8 @@ class BYOL(ImageObjective):
 
     def prepare(self, batch, rng):
         view1, view2 = augment.simclr_views(rng, batch["image"], scale=tuple(self.crop_scale),
-                                            blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
+                                            blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2),
+                                            jitter=augment.DINO_JITTER)
         return {"views": jnp.stack([view1, view2])}, None
 
     def _project(self, model, views):

@@ -87,6 +87,11 @@ class Config:
     progress: bool = True
     init_from: str | None = None  # a workdir whose latest checkpoint's encoder initialises a
                                   # NEW run (fine-tuning); heads and optimizer start fresh
+    # Several objectives on one backbone (see zoo/mixture.py): {key: {"kind": NAME,
+    # "weight": 1.0, "start_step": 0, "end_step": None, "ramp_steps": 0, "data": NAME,
+    # **hparams}}; when set, `objective` is not used.
+    objectives: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    mixing: str = "sum"           # mixtures: "sum" (weighted sum) | "per_example" (UL2-style)
 
 
 # Fields that may change between runs in one workdir (they do not change what a step computes).
@@ -113,6 +118,8 @@ def validate(config: Config) -> Config:
             raise ValueError(f"{field}: must be positive, got {getattr(config, field)}")
     if config.data.batch_size <= 0:
         raise ValueError(f"data.batch_size: must be positive, got {config.data.batch_size}")
+    if config.mixing not in ("sum", "per_example"):
+        raise ValueError(f"mixing: unknown {config.mixing!r}; allowed: ('sum', 'per_example')")
     if "name" not in config.objective:
         raise ValueError("objective: needs a 'name' key, e.g. {'name': 'mae'}")
     return config
@@ -148,7 +155,9 @@ def override(config: Config, assignments: Sequence[str]) -> Config:
             if not isinstance(node.get(part), dict):
                 raise ValueError(f"--set: unknown field {key!r}")
             node = node[part]
-        if parts[-1] not in node and not (parts[0] == "objective" and len(parts) == 2):
+        free = (parts[0] == "objective" and len(parts) == 2) or (
+            parts[0] == "objectives" and len(parts) in (2, 3))
+        if parts[-1] not in node and not free:
             raise ValueError(f"--set: unknown field {key!r}; fields here: {sorted(node)}")
         node[parts[-1]] = value
     return from_dict(values)
@@ -216,6 +225,12 @@ def _build(cls, values: Mapping[str, Any], prefix: str):
             value = _deep_tuple(value)
         elif key == "objective":
             value = dict(value)
+        elif key == "objectives":
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(v, Mapping) for v in value.values()):
+                raise ValueError("objectives: expected {key: {'kind': NAME, ...}}, got "
+                                 f"{value!r}")
+            value = {str(k): dict(v) for k, v in value.items()}
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -79,12 +79,16 @@ class Experiment:
 # Building: validation, model, shardings.
 # ---------------------------------------------------------------------------------------------
 
-def make_objective(config: config_lib.Config, data_spec=None) -> objectives.Objective:
-    """The objective of ``config``, with the fields the backbone decides filled in: the patch
-    size of image objectives, the tokenizer's vocabulary size for text objectives (the data
-    spec's ``vocab_size`` if it has one, else the byte tokenizer's)."""
-    hparams = {k: v for k, v in config.objective.items() if k != "name"}
-    name = config.objective["name"]
+def make_objective(config: config_lib.Config, data_spec=None, *, name: str | None = None,
+                   hparams: dict | None = None) -> objectives.Objective:
+    """The objective of ``config`` (or ``name`` with ``hparams``, e.g. a mixture component),
+    with the fields the backbone decides filled in: the patch size of image objectives, the
+    tokenizer's vocabulary size for text objectives (the data spec's ``vocab_size`` if it has
+    one, else the byte tokenizer's)."""
+    if name is None:
+        name = config.objective["name"]
+        hparams = {k: v for k, v in config.objective.items() if k != "name"}
+    hparams = dict(hparams or {})
     modality = objectives.modality_of(name)
     vocab_size = getattr(data_spec, "vocab_size", None) or zoo.text.VOCAB_SIZE
     patch = ("patch_size", config.model.patch_size, "model.patch_size")
@@ -142,6 +146,17 @@ def model_posemb(config: config_lib.Config, objective: objectives.Objective,
 def create_model(config: config_lib.Config, objective: objectives.Objective, data_spec,
                  rngs: nnx.Rngs) -> zoo.models.PretrainModel:
     """Backbone from ``config.model`` plus the objective's heads (unsharded; see ``init_state``)."""
+    if objective.modality == "mixture":
+        from zoo.mixture import create_mixture_model
+        return create_mixture_model(config, objective, data_spec, rngs)
+    encoder = create_backbone(config, objective, data_spec, rngs)
+    dtype = config_lib.DTYPES[config.model.dtype]
+    return zoo.models.PretrainModel(encoder, objective.make_heads(encoder, rngs=rngs, dtype=dtype))
+
+
+def create_backbone(config: config_lib.Config, objective: objectives.Objective, data_spec,
+                    rngs: nnx.Rngs):
+    """The backbone ``objective`` trains on ``data_spec``'s data, sized by ``config.model``."""
     m = config.model
     dtype = config_lib.DTYPES[m.dtype]
     name = model_name(config, objective, data_spec)
@@ -159,15 +174,15 @@ def create_model(config: config_lib.Config, objective: objectives.Objective, dat
         encoder = zoo.models.get(
             name, vocab_size=objective.vocab_size,
             max_len=objective.max_len(config.data.seq_len), posemb=posemb, **dims)
-    heads = objective.make_heads(encoder, rngs=rngs, dtype=dtype)
-    return zoo.models.PretrainModel(encoder, heads)
+    return encoder
 
 
-def dataset_spec(config: config_lib.Config, name: str | None = None):
+def dataset_spec(config: config_lib.Config, name: str | None = None, *,
+                 objective_name: str | None = None, field: str = "data.name"):
     """The spec of ``name`` (default ``config.data.name``), checked against the objective's
     modality: image objectives need image data, text objectives text data."""
     name = name or config.data.name
-    objective_name = config.objective["name"]
+    objective_name = objective_name or config.objective["name"]
     wanted = objectives.modality_of(objective_name)
     data_dir = config.data.data_dir
     try:
@@ -178,10 +193,10 @@ def dataset_spec(config: config_lib.Config, name: str | None = None):
         else:
             modality, spec = "image", zoo.data.dataset_spec(name, data_dir=data_dir)
     except (ValueError, FileNotFoundError) as error:
-        raise ValueError(f"data.name: {error}") from None
+        raise ValueError(f"{field}: {error}") from None
     if modality != wanted:
         kind = {"pairs": "paired"}.get(modality, modality)
-        raise ValueError(f"data.name: {name!r} is {kind} data but objective "
+        raise ValueError(f"{field}: {name!r} is {kind} data but objective "
                          f"{objective_name!r} needs {wanted} data; objectives for "
                          f"{kind} data: {objectives.names(modality)}")
     return spec
@@ -206,6 +221,10 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
     on synthetic images.
     """
     config = config_lib.validate(config)
+    if config.objectives:
+        from zoo.mixture import build_mixture
+        objective, data_spec = build_mixture(config, data_spec)
+        return _build_experiment(config, objective, data_spec, devices)
     objectives.modality_of(config.objective["name"])   # unknown names fail first
     if data_spec is None:
         data_spec = dataset_spec(config)
@@ -227,6 +246,11 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
         if height % config.model.patch_size or width % config.model.patch_size:
             raise ValueError(f"model.patch_size: image size {height}x{width} is not divisible "
                              f"by patch size {config.model.patch_size}")
+    return _build_experiment(config, objective, data_spec, devices)
+
+
+def _build_experiment(config, objective, data_spec, devices) -> Experiment:
+    """Mesh, optimizer, abstract state and shardings of a validated objective and data."""
     mesh = make_mesh(config.mesh, devices)
     parallel = data_parallel_size(mesh, config.rules)
     if config.data.batch_size % parallel:
@@ -261,6 +285,8 @@ def build(config: config_lib.Config, *, devices=None, data_spec=None) -> Experim
 
 def forward_flops(config, objective, model) -> float | None:
     """The objective's model FLOPs per example (text objectives also need the row length)."""
+    if objective.modality == "mixture":
+        return None
     if objective.modality == "text":
         return objective.forward_flops(model, seq_len=config.data.seq_len)
     return objective.forward_flops(model)
@@ -337,10 +363,10 @@ def objective_salt(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
-def make_loss_fn(experiment: Experiment, *, prepared: bool = False):
+def make_loss_fn(experiment: Experiment, *, prepared: bool = False, objective=None):
     """``loss_fn(params, objective_state, step, batch, rng) -> (loss, (metrics, outputs))``: the
     objective's forward pass on the (global) batch, to differentiate w.r.t. ``params``."""
-    objective, graphdef = experiment.objective, experiment.graphdef
+    objective, graphdef = objective or experiment.objective, experiment.graphdef
     total_steps = experiment.config.steps
 
     def loss_fn(params, objective_state, step, batch, rng):
@@ -349,8 +375,9 @@ def make_loss_fn(experiment: Experiment, *, prepared: bool = False):
         if objective.stateful:
             teacher = (nnx.merge(graphdef, objective_state["teacher"])
                        if "teacher" in objective_state else None)
-            context = objectives.StepContext(state=objective_state, teacher=teacher,
-                                             step=step, total_steps=total_steps)
+            context = objectives.StepContext(
+                state=objective_state, teacher=teacher, step=step, total_steps=total_steps,
+                merge=lambda params: nnx.merge(graphdef, params))
             outputs = objective.apply(model, inputs, context)
         else:
             outputs = objective.apply(model, inputs)
@@ -375,15 +402,18 @@ def make_loss_and_grad(experiment: Experiment):
                    out_shardings=(None, experiment.state_shardings.params))
 
 
-def make_train_step(experiment: Experiment, *, prepared: bool = False):
+def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=None):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
     ``prepared=True`` makes a step that is fed ``objective.prepare``'s ``(inputs, targets)``
-    instead of a raw batch (benchmarks use it to price the on-device corruption)."""
+    instead of a raw batch (benchmarks use it to price the on-device corruption). ``phase``: a
+    mixture's active component keys (``Mixture.phase``); the step runs only those."""
     objective, tx = experiment.objective, experiment.tx
+    if phase is not None:
+        objective = objective.for_phase(phase)
     schedule, salt = experiment.schedule, objective_salt(experiment.objective.name)
     total_steps = experiment.config.steps
-    loss_fn = make_loss_fn(experiment, prepared=prepared)
+    loss_fn = make_loss_fn(experiment, prepared=prepared, objective=objective)
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
@@ -432,6 +462,9 @@ def global_batch(experiment: Experiment, local: dict[str, np.ndarray]) -> dict[s
     """Process-local numpy rows -> global arrays sharded over the data-parallel axes."""
     out = {}
     for key, value in local.items():
+        if isinstance(value, dict):   # a mixture's batches, one per dataset
+            out[key] = global_batch(experiment, value)
+            continue
         sharding = batch_sharding(experiment.mesh, value.ndim, experiment.config.rules)
         shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
@@ -459,13 +492,22 @@ def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: b
     """This process's deterministic, resumable batch iterator for the experiment's data:
     images for image objectives, packed token rows for text objectives."""
     config = experiment.config
+    if experiment.objective.modality == "mixture":
+        from zoo.mixture import MixtureBatches
+        return MixtureBatches({name: _batches_for(config, name, modality, split, shuffle)
+                               for name, modality in experiment.objective.data_modalities()})
+    return _batches_for(config, config.data.name, experiment.objective.modality, split, shuffle)
+
+
+def _batches_for(config, name, modality, split, shuffle):
     data, split = config.data, split or config.data.split
+    data = dataclasses.replace(data, name=name)
     common = dict(global_batch_size=data.batch_size, seed=data.seed, shuffle=shuffle,
                   process_index=jax.process_index(), process_count=jax.process_count())
-    if experiment.objective.modality == "text":
+    if modality == "text":
         source = zoo.data.get_text_source(data.name, split, data_dir=data.data_dir)
         return zoo.data.PackedBatchIterator(source, seq_len=data.seq_len, **common)
-    if experiment.objective.modality == "pairs":
+    if modality == "pairs":
         source = zoo.data.get_pair_source(data.name, split, seq_len=data.seq_len,
                                           data_dir=data.data_dir)
         return zoo.data.BatchIterator(source, **common)
@@ -564,7 +606,14 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     if jax.process_index() == 0:   # the steps field may have grown; everything else matches
         _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     start = int(state.step)
-    step_fn = make_train_step(experiment)
+    step_fns = {}   # one compiled step per mixture phase (one in all for a single objective)
+
+    def step_fn_at(step: int):
+        phase = experiment.objective.phase(step) if config.objectives else None
+        if phase not in step_fns:
+            step_fns[phase] = make_train_step(experiment, phase=phase)
+        return step_fns[phase]
+
     peak = peak_flops(config, experiment.mesh)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     progress = _progress(config, start)
@@ -575,7 +624,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
             end = config.steps if stop_at is None else min(config.steps, stop_at)
             for step in range(start, end):
-                state, metrics = step_fn(state, global_batch(experiment, next(batches)))
+                state, metrics = step_fn_at(step)(state, global_batch(experiment, next(batches)))
                 pending.append(metrics)
                 done = step + 1
                 if timer_start is None:       # the first step compiles: time from its end
@@ -615,7 +664,10 @@ def _log(pending, state, step, timer_start, timer_steps, step_flops, peak, write
         (pending, state.first_nonfinite_step, state.nonfinite_steps))
     # Means over the applied updates only: one skipped NaN step must not hide the interval.
     applied = [m for m in fetched if not m["skipped"]] or fetched
-    scalars = {k: float(np.mean([m[k] for m in applied])) for k in fetched[0]}
+    # A mixture's metrics change with its phase: average each over the steps that have it.
+    names = dict.fromkeys(k for m in fetched for k in m)
+    scalars = {k: float(np.mean([m[k] for m in applied if k in m] or
+                                [m[k] for m in fetched if k in m])) for k in names}
     scalars["skipped"] = float(np.mean([m["skipped"] for m in fetched]))
     scalars["nonfinite_steps"] = float(bad_count)
     elapsed = time.perf_counter() - timer_start
