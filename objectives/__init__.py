@@ -10,6 +10,7 @@ from objectives.causal import CLM, MEAP, PrefixLM
 from objectives.contrastive import CLIP, PairObjective, SigLIP, SimCLR
 from objectives.dcpt import DCPT, MaskDCPT, Restore
 from objectives.distill import BYOL, DINO
+from objectives.feature_mimic import FeatureMimic
 from objectives.mae import MAE
 from objectives.mlm import MLM
 from objectives.position import Position, TokenPosition
@@ -21,7 +22,7 @@ from objectives.ul2 import UL2
 _OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (MAE, Position, Selfie, SimCLR, BYOL, DINO, DCPT, MaskDCPT,
                               Restore, MLM, SpanCorruption, BART, UL2, CLM, PrefixLM, MEAP,
-                              TokenPosition, CLIP, SigLIP)}
+                              TokenPosition, CLIP, SigLIP, FeatureMimic)}
 
 
 def names(modality: str | None = None) -> tuple[str, ...]:
@@ -58,7 +59,7 @@ def get(name: str, **hparams) -> Objective:
     return cls(**hparams)
 
 
-__all__ = ["BART", "BYOL", "CLIP", "CLM", "DCPT", "DINO", "ImageObjective", "MAE", "MEAP", "MLM", "MaskDCPT",
+__all__ = ["BART", "BYOL", "CLIP", "CLM", "DCPT", "DINO", "FeatureMimic", "ImageObjective", "MAE", "MEAP", "MLM", "MaskDCPT",
            "Objective", "PairObjective", "Position", "PrefixLM", "Restore", "Selfie", "Seq2SeqObjective", "SigLIP", "SimCLR",
            "SpanCorruption", "StepContext", "TextObjective", "TokenPosition", "UL2", "cosine_momentum", "ema", "get", "modality_of",
            "names", "patchify", "suite_names", "unpatchify"]

@@ -302,22 +302,40 @@ def encoder_from(workdir: str, experiment: Experiment, state: TrainState) -> Tra
     """``state`` with its encoder parameters replaced by those of ``workdir``'s latest
     checkpoint (the run there may have had another objective and heads; its backbone must have
     the same parameter names and shapes). Heads and optimizer state are left as they are."""
+    params = with_encoder_from(workdir, experiment, state.params, field="init_from")
+    log.info("encoder initialised from %s", workdir)
+    return state._replace(params=params)
+
+
+def teacher_from(workdir: str, experiment: Experiment, state: TrainState) -> TrainState:
+    """``state`` with the objective's frozen teacher (``objective_state["teacher"]``) holding
+    the encoder of ``workdir``'s latest checkpoint (e.g. feature_mimic's teacher)."""
+    teacher = with_encoder_from(workdir, experiment, state.objective_state["teacher"],
+                                field="objective.teacher_workdir")
+    log.info("teacher encoder loaded from %s", workdir)
+    return state._replace(objective_state={**state.objective_state, "teacher": teacher})
+
+
+def with_encoder_from(workdir: str, experiment: Experiment, params, *, field: str):
+    """A copy of the parameter tree ``params`` (this experiment's structure, sharded like its
+    params) whose ``encoder`` leaves come from ``workdir``'s latest checkpoint; errors name
+    ``field``."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise ValueError(f"init_from: {workdir!r} has no config.json (not a zoo workdir)")
+        raise ValueError(f"{field}: {workdir!r} has no config.json (not a zoo workdir)")
     with open(path) as f:
         source_config = config_lib.from_dict(json.load(f))
     source = build(source_config, devices=list(experiment.mesh.devices.flat))
     source_state, _ = restore_or_init(source, workdir, purpose="initialise from")
-    wanted = dict(leaves_by_path(state.params["encoder"]))
+    wanted = dict(leaves_by_path(params["encoder"]))
     found = dict(leaves_by_path(source_state.params["encoder"]))
     if wanted.keys() != found.keys():
         missing = sorted(wanted.keys() ^ found.keys())[0]
-        raise ValueError(f"init_from: the encoder in {workdir!r} differs from this model's "
+        raise ValueError(f"{field}: the encoder in {workdir!r} differs from this model's "
                          f"(parameter {missing} is in only one of them)")
     for name, leaf in wanted.items():
         if leaf.shape != found[name].shape:
-            raise ValueError(f"init_from: encoder parameter {name} is {found[name].shape} in "
+            raise ValueError(f"{field}: encoder parameter {name} is {found[name].shape} in "
                              f"{workdir!r} but {leaf.shape} here; use the same model size, "
                              "patch size and image shape")
     prefix = jax.tree_util.keystr((jax.tree_util.DictKey("encoder"),))
@@ -326,9 +344,8 @@ def encoder_from(workdir: str, experiment: Experiment, state: TrainState) -> Tra
         name = jax.tree_util.keystr(path)
         return found[name[len(prefix):]] if name.startswith(prefix) else leaf
 
-    params = jax.tree_util.tree_map_with_path(take, state.params)
-    log.info("encoder initialised from %s", workdir)
-    return state._replace(params=jax.device_put(params, experiment.state_shardings.params))
+    params = jax.tree_util.tree_map_with_path(take, params)
+    return jax.device_put(params, experiment.state_shardings.params)
 
 
 def leaves_by_path(tree):
@@ -603,6 +620,8 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         state = init_state(experiment)
         if config.init_from:
             state = encoder_from(config.init_from, experiment, state)
+        if getattr(experiment.objective, "teacher_workdir", None):
+            state = teacher_from(experiment.objective.teacher_workdir, experiment, state)
     if jax.process_index() == 0:   # the steps field may have grown; everything else matches
         _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
     start = int(state.step)
