@@ -1,0 +1,135 @@
+"""EMA teachers in the train state: the update rule and schedule, DINO's centre, the teacher
+checkpointed and resumed exactly, and feature_mimic's frozen teacher from another workdir."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import objectives
+import zoo.config
+import zoo.train
+from zoo.compare import suite_config
+
+
+def test_byol_update_state_is_ema_with_cosine_momentum():
+    byol = objectives.get("byol", base_momentum=0.9)
+    teacher = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)}
+    params = {"w": jnp.array([0.0, 4.0]), "b": jnp.array(5.0)}
+    for step, momentum in ((0, 0.9), (50, 0.95), (100, 1.0)):
+        new = byol.update_state({"teacher": teacher}, params=params, outputs=None,
+                                step=jnp.int32(step), total_steps=100)
+        # By hand: m * teacher + (1 - m) * params.
+        np.testing.assert_allclose(new["teacher"]["w"],
+                                   [momentum * 1.0, momentum * 2 + (1 - momentum) * 4],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(new["teacher"]["b"], momentum * 3 + (1 - momentum) * 5,
+                                   rtol=1e-6)
+
+
+def test_dino_center_is_ema_of_teacher_batch_mean():
+    dino = objectives.get("dino", out_dim=3, center_momentum=0.9, base_momentum=1.0)
+    center = jnp.array([[1.0, 0.0, -1.0]])
+    teacher_logits = jnp.array([[[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]],      # crop 1, batch 2
+                                [[0.0, 0.0, 0.0], [4.0, 4.0, 4.0]]])     # crop 2
+    state = {"teacher": {"w": jnp.ones(2)}, "center": center}
+    new = dino.update_state(state, params={"w": jnp.zeros(2)}, outputs={"teacher": teacher_logits},
+                            step=jnp.int32(0), total_steps=10)
+    batch_mean = np.array([8.0, 8.0, 8.0]) / 4
+    np.testing.assert_allclose(new["center"], 0.9 * np.array([[1.0, 0.0, -1.0]])
+                               + 0.1 * batch_mean, rtol=1e-6)
+    np.testing.assert_allclose(new["teacher"]["w"], [1.0, 1.0])   # momentum 1: frozen
+
+
+def test_feature_mimic_needs_a_teacher_workdir(data_dir):
+    config = zoo.config.override(suite_config("image", "mae", tiny=True),
+                                 ["objective.name='feature_mimic'"])
+    with pytest.raises(ValueError, match="objective.teacher_workdir"):
+        zoo.train.build(config)
+
+
+def tiny(name, *extra):
+    return zoo.config.override(suite_config("image", name, tiny=True),
+                               ["progress=False", "steps=4", "log_every=1",
+                                "checkpoint_every=2", *extra])
+
+
+def state_of(config, workdir):
+    experiment = zoo.train.build(config)
+    state, step = zoo.train.restore_or_init(experiment, workdir)
+    return jax.device_get(state), step
+
+
+@pytest.mark.slow
+def test_train_step_moves_teacher_by_ema_and_resume_is_exact(data_dir, tmp_path):
+    config = tiny("byol")
+    experiment = zoo.train.build(config)
+    state0 = zoo.train.init_state(experiment)
+    teacher0 = jax.device_get(state0.objective_state["teacher"])
+    for (path, t), (_, p) in zip(zoo.train.leaves_by_path(teacher0),
+                                 zoo.train.leaves_by_path(jax.device_get(state0.params))):
+        np.testing.assert_array_equal(t, p, err_msg=path)   # the teacher starts as the student
+    batch = next(zoo.train.make_batches(experiment))
+    with jax.set_mesh(experiment.mesh):
+        state1, _ = zoo.train.make_train_step(experiment)(
+            state0, zoo.train.global_batch(experiment, batch))
+    params1 = jax.device_get(state1.params)
+    teacher1 = jax.device_get(state1.objective_state["teacher"])
+    m = float(objectives.cosine_momentum(0.996, 0, config.steps))
+    moved = 0
+    for (path, t1), (_, t0), (_, p1) in zip(zoo.train.leaves_by_path(teacher1),
+                                            zoo.train.leaves_by_path(teacher0),
+                                            zoo.train.leaves_by_path(params1)):
+        np.testing.assert_allclose(t1, m * t0 + (1 - m) * p1, rtol=1e-5, atol=1e-7,
+                                   err_msg=path)
+        moved += not np.array_equal(t1, t0)
+    assert moved > 0
+
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    zoo.train.train(config, str(straight))
+    zoo.train.train(config, str(interrupted), stop_at=2)
+    zoo.train.train(config, str(interrupted))
+    a, step_a = state_of(config, str(straight))
+    b, step_b = state_of(config, str(interrupted))
+    assert step_a == step_b == 4
+    for (path, x), (_, y) in zip(zoo.train.leaves_by_path(a.objective_state),
+                                 zoo.train.leaves_by_path(b.objective_state)):
+        np.testing.assert_array_equal(x, y, err_msg=path)
+    for (path, x), (_, y) in zip(zoo.train.leaves_by_path(a.params),
+                                 zoo.train.leaves_by_path(b.params)):
+        np.testing.assert_array_equal(x, y, err_msg=path)
+
+
+@pytest.mark.slow
+def test_dino_resume_keeps_center_and_teacher(data_dir, tmp_path):
+    config = tiny("dino")
+    zoo.train.train(config, str(tmp_path / "a"))
+    zoo.train.train(config, str(tmp_path / "b"), stop_at=2)
+    zoo.train.train(config, str(tmp_path / "b"))
+    a, _ = state_of(config, str(tmp_path / "a"))
+    b, _ = state_of(config, str(tmp_path / "b"))
+    assert np.abs(a.objective_state["center"]).sum() > 0      # the centre moved
+    for (path, x), (_, y) in zip(zoo.train.leaves_by_path(a.objective_state),
+                                 zoo.train.leaves_by_path(b.objective_state)):
+        np.testing.assert_array_equal(x, y, err_msg=path)
+
+
+@pytest.mark.slow
+def test_feature_mimic_teacher_is_the_source_encoder_and_stays_frozen(data_dir, tmp_path):
+    source = tiny("mae", "steps=2")
+    zoo.train.train(source, str(tmp_path / "teacher"))
+    config = tiny("mae", "objective.name='feature_mimic'",
+                  f"objective.teacher_workdir={str(tmp_path / 'teacher')!r}")
+    summary = zoo.train.train(config, str(tmp_path / "student"))
+    assert math.isfinite(summary["mimic_loss"]) and summary["mimic_loss"] > 0
+    teacher_state, _ = state_of(source, str(tmp_path / "teacher"))
+    state, _ = state_of(config, str(tmp_path / "student"))
+    found = dict(zoo.train.leaves_by_path(state.objective_state["teacher"]["encoder"]))
+    for path, leaf in zoo.train.leaves_by_path(teacher_state.params["encoder"]):
+        np.testing.assert_array_equal(found[path], leaf, err_msg=path)
+    # The student trained away from its own init, the teacher did not follow.
+    student = dict(zoo.train.leaves_by_path(state.params["encoder"]))
+    assert any(not np.array_equal(student[p], found[p]) for p in found)
