@@ -30,7 +30,7 @@ import zoo.config
 import zoo.mixture
 import zoo.models
 import zoo.train
-from compile_log import CompileLog, NoCompilation
+from compile_log import CompileLog
 from objectives.base import Objective, StepContext
 from objectives.mixture import Component, Mixture
 from zoo.metric_writer import read_metrics
@@ -273,9 +273,10 @@ BAD = [
                          [pytest.param(*case[1:], id=case[0]) for case in BAD])
 def test_bad_mixture_is_a_one_line_value_error(data_dir, objectives, fields, message):
     config = mixture_config(objectives, **fields)
-    with NoCompilation(), pytest.raises(ValueError, match=message) as error:
+    with CompileLog() as compiles, pytest.raises(ValueError, match=message) as error:
         zoo.train.build(config)
     assert "\n" not in str(error.value)
+    assert not compiles.messages, "compiled before rejecting the config"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +295,12 @@ def four(data_dir):
     paths = dict(zoo.train.leaves_by_path(experiment.abstract_state.params))
     model = nnx.eval_shape(lambda: zoo.train.create_model(
         config, experiment.objective, experiment.data_spec, nnx.Rngs(params=0)))
-    return types.SimpleNamespace(config=config, experiment=experiment, paths=paths, model=model)
+    return Built(config=config, experiment=experiment, paths=paths, model=model)
+
+
+class Built(types.SimpleNamespace):
+    def __repr__(self):   # short failure reports
+        return "<the four-component mixture>"
 
 
 def test_four_components_read_two_datasets(four):
@@ -356,7 +362,8 @@ def test_heads_are_under_their_component_key(four):
 def test_parameters_expose_the_first_backbone_as_encoder(four):
     """zoo/mixture.py: "Parameter paths: the first component's backbone is ``encoder``" (what
     ``init_from`` and ``objective.teacher_workdir`` read from a checkpoint's params)."""
-    assert "encoder" in four.experiment.abstract_state.params
+    keys = sorted(four.experiment.abstract_state.params.keys())
+    assert "encoder" in keys
     assert four.model.encoder is four.model.backbones["mae"]
 
 
@@ -470,7 +477,8 @@ def test_resume_across_the_phase_boundary_matches_the_uninterrupted_run(phased):
     assert 2 in phased.checkpoints and 4 in phased.checkpoints
     assert [r["step"] for r in phased.resumed_records] == [1, 2, 3, 4]
     for full, resumed in zip(phased.records, phased.resumed_records):
-        assert set(full) == set(resumed)
+        timing = {"time", "steps_per_sec", "mfu"}   # the resumed run's first step compiles
+        assert set(full) - timing == set(resumed) - timing
         for key in ("loss", "clm/loss", "mlm/loss", "clm/weight", "mlm/weight", "grad_norm"):
             if key in full:
                 assert resumed[key] == pytest.approx(full[key], rel=0, abs=1e-6), (

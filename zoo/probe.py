@@ -94,17 +94,24 @@ def probe(config, workdir: str | None = None) -> dict[str, float]:
     from zoo.train import build, dataset_spec, restore_or_init
 
     experiment = build(config)
-    objective = experiment.objective
+    objective, data_spec = experiment.objective, experiment.data_spec
+    if objective.modality == "mixture":   # the encoder is the first component's backbone
+        first = objective.components[0]
+        objective, data_spec = first.objective, data_spec[first.data]
+    if objective.modality == "pairs":
+        raise ValueError(f"objective.name: {objective.name!r} is a two-tower objective; "
+                         "evaluate it by retrieval (zoo.retrieval.retrieval_scores or zoo "
+                         "compare --suite retrieval), not by a probe")
     dataset = probe_dataset(config, objective.modality)
     try:
         spec = dataset_spec(config, dataset)
     except ValueError as error:
         raise ValueError(f"probe.dataset: {str(error).removeprefix('data.name: ')}") from None
     if objective.modality == "image" and (tuple(spec.image_shape)
-                                          != tuple(experiment.data_spec.image_shape)):
+                                          != tuple(data_spec.image_shape)):
         raise ValueError(f"probe.dataset: {dataset!r} images are "
                          f"{spec.image_shape} but the encoder was built for "
-                         f"{experiment.data_spec.image_shape}; pick a probe dataset of that shape")
+                         f"{data_spec.image_shape}; pick a probe dataset of that shape")
     state, step = restore_or_init(experiment, workdir, purpose="probe")
     model = nnx.merge(experiment.graphdef, state.params)
     if objective.modality == "text":

@@ -715,5 +715,6 @@ def _progress(config, start):
     if not config.progress or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=config.steps, initial=start, desc=config.objective["name"],
+    name = "+".join(config.objectives) if config.objectives else config.objective["name"]
+    return tqdm(total=config.steps, initial=start, desc=name,
                 dynamic_ncols=True)
