@@ -558,6 +558,8 @@ def check_workdir(workdir: str, config: config_lib.Config) -> None:
     if old.get("steps") != config.steps:
         log.warning("steps changed from %s to %s: the learning-rate schedule is stretched to "
                     "the new total from the next step on", old.get("steps"), config.steps)
+    # Fields added to Config after that run was written read as their defaults.
+    old = _with_defaults(old, config_lib.to_dict(config_lib.Config()))
     diffs = config_lib.differences(old, config_lib.to_dict(config))
     if diffs:
         field = diffs[0]
@@ -565,6 +567,16 @@ def check_workdir(workdir: str, config: config_lib.Config) -> None:
         raise ValueError(f"workdir: {workdir!r} holds a run of a different config ({field} is "
                          f"{there!r} there, {here!r} here); use a new --workdir (allowed to "
                          f"differ: {', '.join(config_lib.RESUMABLE_FIELDS)})")
+
+
+def _with_defaults(values: dict, defaults: dict) -> dict:
+    out = dict(values)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, dict) and isinstance(out[key], dict) and key != "objective":
+            out[key] = _with_defaults(out[key], default)
+    return out
 
 
 def _lookup(tree, dotted):
