@@ -61,7 +61,7 @@ class Component:
 def component_view(model, key: str):
     """What a component's objective sees as its model: its backbone and its heads."""
     heads = model.heads[key] if key in model.heads else None
-    return types.SimpleNamespace(encoder=model.backbones[key], heads=heads)
+    return types.SimpleNamespace(encoder=model.towers[key], heads=heads)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,7 +99,7 @@ class Mixture(Objective):
 
     def sample_counts(self, batch_size: int) -> dict[str, int]:
         """Per-example mixing: how many of the batch's examples each running component gets
-        (proportional to weight; rounding leftovers go to the heaviest components first)."""
+        (proportional to weight; rounding leftovers go to the largest remainders first)."""
         running = self.running()
         total = sum(c.weight for c in running)
         exact = [batch_size * c.weight / total for c in running]

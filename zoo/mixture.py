@@ -17,12 +17,14 @@ The backbones of all components share ONE Transformer trunk (the blocks and the 
 components of the same modality and data share the input embedding too (a causal decoder and an
 encoder are then one model run with two masks: CLM then MLM trains a single set of weights).
 Each component keeps its own heads. Parameter paths: the first component's backbone is
-``encoder``; heads are ``heads/<key>``.
+``encoder`` (shared modules are listed once, under ``encoder`` where they belong to it); heads are
+``heads/<key>``; what only a later component's backbone has is under ``towers/<key>``.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 from flax import nnx
 
 import objectives
@@ -44,7 +46,7 @@ def _component_settings(key: str, entry: dict, config) -> tuple[dict, dict]:
         raise ValueError(f"objectives.{key}.kind: unknown {settings['kind']!r}; known "
                          f"objectives: {objectives.names()}")
     weight = settings.get("weight", 1.0)
-    if not isinstance(weight, (int, float)) or weight < 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ValueError(f"objectives.{key}.weight: must be a number >= 0, got {weight!r}")
     start, end = settings.get("start_step", 0), settings.get("end_step")
     if not isinstance(start, int) or start < 0:
@@ -76,8 +78,9 @@ def build_mixture(config, data_spec=None) -> tuple[Mixture, dict[str, Any]]:
         settings, hparams = _component_settings(key, entry, config)
         name, data = settings["kind"], settings["data"]
         field = f"objectives.{key}.data"
-        spec = data_spec if data_spec is not None else (
-            specs.get(data) or dataset_spec(config, data, objective_name=name, field=field))
+        # Looked up per component: each one's modality is checked against its data.
+        spec = data_spec if data_spec is not None else dataset_spec(
+            config, data, objective_name=name, field=field)
         specs[data] = spec
         try:
             objective = make_objective(config, spec, name=name, hparams=hparams)
@@ -94,6 +97,8 @@ def build_mixture(config, data_spec=None) -> tuple[Mixture, dict[str, Any]]:
     mixture = Mixture(components=tuple(components), mixing=config.mixing)
     _check_phases(mixture, config.steps)
     if config.mixing == "per_example":
+        if not any(c.weight > 0 for c in components):
+            raise ValueError("objectives: mixing 'per_example' needs a component with weight > 0")
         if len({c.data for c in components}) > 1:
             raise ValueError("mixing: 'per_example' splits ONE batch between the components; "
                              "they all need the same data (use 'sum' for several datasets)")
@@ -136,8 +141,10 @@ class MixtureModel(nnx.Module):
     """Backbones (one per component key; shared modules) and each component's heads."""
 
     def __init__(self, backbones: dict[str, nnx.Module], heads: dict[str, nnx.Module]):
-        self.encoder = next(iter(backbones.values()))   # what probes and init_from read
-        self.backbones = nnx.Dict(backbones)
+        # What probes, init_from and teacher_workdir read. A shared module is listed under its
+        # alphabetically first path, so the per-key dict is named to sort after "encoder".
+        self.encoder = next(iter(backbones.values()))
+        self.towers = nnx.Dict(backbones)
         self.heads = nnx.Dict(heads)
 
 
@@ -162,12 +169,16 @@ def create_mixture_model(config, mixture: Mixture, specs: dict[str, Any],
         kind = type(backbone).__name__
         same = first_of.get((c.data, kind))
         if same is not None and _same_shapes(same, backbone):
-            if kind == "TextTransformer" and same.causal != backbone.causal:
-                backbone.embedding = same.embedding      # one model, two masks
-            else:
-                backbone = same                          # literally the same backbone
-        else:
-            first_of.setdefault((c.data, kind), backbone)
+            backbone = same                              # literally the same backbone
+        elif (same is not None and kind == "TextTransformer"
+              and _same_shapes(same, backbone, skip="posemb")):
+            # A causal decoder and an encoder on the same tokens (CLM's rows are one token
+            # shorter): one embedding, the longer position table; one model, two masks.
+            longer = max(same.embedding, backbone.embedding, key=lambda e: e.max_len)
+            same.embedding = backbone.embedding = longer
+            same.max_len = backbone.max_len = longer.max_len
+        elif same is None:
+            first_of[(c.data, kind)] = backbone
         if trunk is None:
             trunk = trunk_of(backbone)
         elif trunk_of(backbone) is not trunk:
@@ -180,9 +191,12 @@ def create_mixture_model(config, mixture: Mixture, specs: dict[str, Any],
     return MixtureModel(backbones, heads)
 
 
-def _same_shapes(a, b) -> bool:
-    shapes = lambda m: [(p, x.shape) for p, x in
-                        __import__("jax").tree_util.tree_leaves_with_path(nnx.state(m))]
+def _same_shapes(a, b, skip: str | None = None) -> bool:
+    """Same parameter names and shapes (ignoring paths that contain ``skip``)."""
+    def shapes(module):
+        leaves = jax.tree_util.tree_leaves_with_path(nnx.state(module))
+        return [(jax.tree_util.keystr(p), x.shape) for p, x in leaves
+                if skip is None or skip not in jax.tree_util.keystr(p)]
     return shapes(a) == shapes(b)
 
 
