@@ -171,7 +171,6 @@ SMALL_HEADS = {
 
 
 def mesh_config(name, mesh):
-    image = name in ("simclr", "byol", "dino")
     return zoo.config.validate(zoo.config.Config(
         model=zoo.config.ModelConfig(size="test", patch_size=4),
         objective={"name": name, **SMALL_HEADS[name]},
