@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -17,17 +18,22 @@ HELDOUT_SPLIT = "test"
 
 
 def heldout_metrics(experiment, params, *, split: str = HELDOUT_SPLIT, num_batches: int = 8,
-                    seed: int = 0) -> dict[str, float]:
+                    seed: int = 0, objective_state=None, step: int = 0) -> dict[str, float]:
     """Mean loss and metrics of ``params`` on ``num_batches`` held-out batches."""
     from zoo.train import global_batch, make_batches
 
-    objective, graphdef = experiment.objective, experiment.graphdef
+    objective = experiment.objective
+
+    from zoo.train import make_loss_fn
+
+    # The train step's own forward (stateful objectives get their teacher and state too).
+    loss_fn = make_loss_fn(experiment)
+    if objective_state is None:
+        objective_state = experiment.init_fn().objective_state if objective.stateful else {}
 
     @jax.jit
-    def evaluate(params, batch, rng):
-        model = nnx.merge(graphdef, params)
-        inputs, targets = objective.prepare(batch, rng)
-        loss, metrics = objective.loss(objective.apply(model, inputs), targets)
+    def evaluate(params, objective_state, batch, rng):
+        loss, (metrics, _) = loss_fn(params, objective_state, jnp.int32(step), batch, rng)
         return {"loss": loss, **metrics}
 
     batches = make_batches(experiment, split, shuffle=False)
@@ -36,7 +42,8 @@ def heldout_metrics(experiment, params, *, split: str = HELDOUT_SPLIT, num_batch
     with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(experiment.config.rules):
         for index in range(num_batches):
             batch = global_batch(experiment, next(batches))
-            results.append(evaluate(params, batch, jax.random.fold_in(base, index)))
+            results.append(evaluate(params, objective_state, batch,
+                                    jax.random.fold_in(base, index)))
     fetched = jax.device_get(results)
     names = {"loss": "heldout_loss", "accuracy": "heldout_accuracy"}
     return {names.get(k, f"heldout_{k}"): float(np.mean([r[k] for r in fetched]))
@@ -55,5 +62,6 @@ def heldout(config, workdir: str | None = None, *, num_batches: int = 8) -> dict
 
     experiment = build(config)
     state, step = restore_or_init(experiment, workdir, purpose="evaluate")
-    return {**heldout_metrics(experiment, state.params, num_batches=num_batches),
+    return {**heldout_metrics(experiment, state.params, num_batches=num_batches,
+                              objective_state=state.objective_state, step=int(step)),
             "step": int(step)}
