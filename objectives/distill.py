@@ -23,6 +23,7 @@ from flax import nnx
 from objectives.base import ImageObjective, cosine_momentum, ema
 from objectives.contrastive import _check_scale, _mlp_flops, image_features
 from zoo import augment
+from zoo.flops import dense_flops, transformer_flops
 from zoo.models.heads import DinoHead, ProjectionMLP, l2_normalize
 
 
@@ -218,6 +219,21 @@ class DINO(ImageObjective):
         loss = dino_loss(outputs["student"], outputs["teacher"], outputs["center"],
                          self.student_temp, outputs["teacher_temp"])
         return loss, {"loss": loss, "teacher_temp": outputs["teacher_temp"]}
+
+    def forward_flops(self, model) -> float:
+        """Student: 2 global + num_local local crops; teacher: the 2 global crops."""
+        enc = model.encoder
+        size = self.local_crop_size((enc.grid[0] * self.patch_size,))
+        local = (size // self.patch_size) ** 2
+        local_flops = (dense_flops(local, enc.patch_dim, enc.width)
+                       + transformer_flops(local + int(enc.has_cls), enc.width, enc.depth,
+                                           enc.mlp_dim))
+        head = model.heads
+        head_flops = (sum(dense_flops(1, layer.in_features, layer.out_features)
+                          for layer in head.layers)
+                      + dense_flops(1, *head.last.get_value().shape))
+        views = 2 + self.num_local
+        return 4 * enc.forward_flops() + self.num_local * local_flops + (views + 2) * head_flops
 
     def update_state(self, state, *, params, outputs, step, total_steps):
         momentum = cosine_momentum(self.base_momentum, step, total_steps)

@@ -710,7 +710,7 @@ def _log(pending, state, step, timer_start, timer_steps, step_flops, peak, write
     if progress is not None:
         progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                              steps_s=f"{scalars.get('steps_per_sec', 0):.2f}",
-                             mfu=f"{100 * scalars.get('mfu', 0):.1f}%")
+                             mfu=f"{100 * scalars['mfu']:.1f}%" if "mfu" in scalars else "-")
     if config.nonfinite == "stop":
         _raise_if_nonfinite(int(first_bad))
     return scalars
