@@ -115,19 +115,20 @@ def build_mixture(config, data_spec=None) -> tuple[Mixture, dict[str, Any]]:
     return mixture, specs
 
 
+def _phase_starts(mixture: Mixture, steps: int) -> list[int]:
+    """The steps in [0, steps) where the set of active components may change."""
+    return sorted({0} | {c.start_step for c in mixture.components if c.start_step < steps}
+                  | {c.end_step for c in mixture.components
+                     if c.end_step is not None and c.end_step < steps})
+
+
 def _phases(mixture: Mixture, steps: int) -> list[tuple[str, ...]]:
-    """The distinct active sets, in order, over steps [0, steps)."""
-    bounds = sorted({0} | {c.start_step for c in mixture.components if c.start_step < steps}
-                    | {c.end_step for c in mixture.components
-                       if c.end_step is not None and c.end_step < steps})
-    return [mixture.phase(b) for b in bounds]
+    """The active sets, in order, over steps [0, steps)."""
+    return [mixture.phase(step) for step in _phase_starts(mixture, steps)]
 
 
 def _check_phases(mixture: Mixture, steps: int) -> None:
-    bounds = sorted({0} | {c.start_step for c in mixture.components if c.start_step < steps}
-                    | {c.end_step for c in mixture.components
-                       if c.end_step is not None and c.end_step < steps})
-    for step in bounds:
+    for step in _phase_starts(mixture, steps):
         if not mixture.phase(step):
             raise ValueError(f"objectives: no objective is active at step {step}; cover every "
                              "step with some component's [start_step, end_step)")
