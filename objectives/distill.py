@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from objectives.base import ImageObjective, cosine_momentum, ema
+from objectives.base import ImageObjective, cosine_momentum, ema, patchify
 from objectives.contrastive import _check_scale, _mlp_flops, image_features
 from zoo import augment
 from zoo.flops import dense_flops, transformer_flops
@@ -134,7 +134,9 @@ class DINO(ImageObjective):
     resolution, position embeddings resized). Teacher outputs are centred (centre EMA
     ``center_momentum`` of the teacher's batch mean over the global batch) and sharpened
     (temperature warming up linearly from ``warmup_teacher_temp`` to ``teacher_temp`` over
-    ``teacher_temp_warmup_steps``); student temperature ``student_temp``.
+    ``teacher_temp_warmup_steps``); student temperature ``student_temp``. ``pool``: the head reads
+    the mean of the patch tokens (default, what the probes read) or the cls token (the reference;
+    needs ``model.cls_token``).
     """
 
     name: ClassVar[str] = "dino"
@@ -153,8 +155,11 @@ class DINO(ImageObjective):
     local_size: int = 0            # 0: half the image size (rounded to the patch size)
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    pool: str = "mean"             # head input: "mean" of patch tokens or the "cls" token (ref.)
 
     def __post_init__(self):
+        if self.pool not in ("mean", "cls"):
+            raise ValueError(f"objective.pool: unknown {self.pool!r}; allowed: ('mean', 'cls')")
         for field in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"objective.{field}: must be positive, got "
@@ -203,8 +208,13 @@ class DINO(ImageObjective):
 
     def _logits(self, model, crops):
         views, batch = crops.shape[:2]
-        features = image_features(model.encoder, crops.reshape(views * batch, *crops.shape[2:]),
-                                  self.patch_size)
+        images = crops.reshape(views * batch, *crops.shape[2:])
+        if self.pool == "cls":
+            encoder = model.encoder
+            grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+            features = encoder.encode(encoder.embed(patchify(images, self.patch_size), grid))[:, 0]
+        else:
+            features = image_features(model.encoder, images, self.patch_size)
         return model.heads(features).reshape(views, batch, -1)
 
     def apply(self, model, inputs, context):

@@ -133,3 +133,9 @@ def test_feature_mimic_teacher_is_the_source_encoder_and_stays_frozen(data_dir, 
     # The student trained away from its own init, the teacher did not follow.
     student = dict(zoo.train.leaves_by_path(state.params["encoder"]))
     assert any(not np.array_equal(student[p], found[p]) for p in found)
+
+
+def test_dino_pool_must_be_mean_or_cls():
+    assert objectives.get("dino", pool="cls").pool == "cls"
+    with pytest.raises(ValueError, match="objective.pool"):
+        objectives.get("dino", pool="max")
