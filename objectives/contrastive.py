@@ -73,11 +73,15 @@ def siglip_loss(za: jax.Array, zb: jax.Array, log_scale: jax.Array, bias: jax.Ar
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / za.shape[0]
 
 
-def image_features(encoder, images: jax.Array, patch_size: int) -> jax.Array:
+def image_features(encoder, images: jax.Array, patch_size: int,
+                   pool: str = "mean") -> jax.Array:
     """Float images [B, h, w, C] in [-1, 1] (any size divisible by the patch) -> the encoder's
-    pooled features [B, width]: the mean of the patch tokens, what the probes read."""
+    pooled features [B, width]: the mean of the patch tokens (what the probes read), or with
+    ``pool="cls"`` the cls token's output."""
     grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
     tokens = encoder.encode(encoder.embed(patchify(images, patch_size), grid))
+    if pool == "cls":
+        return tokens[:, 0].astype(jnp.float32)
     if encoder.has_cls:
         tokens = tokens[:, 1:]
     return tokens.astype(jnp.float32).mean(axis=1)

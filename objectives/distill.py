@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from objectives.base import ImageObjective, cosine_momentum, ema, patchify
+from objectives.base import ImageObjective, cosine_momentum, ema
 from objectives.contrastive import _check_scale, _mlp_flops, image_features
 from zoo import augment
 from zoo.flops import dense_flops, transformer_flops
@@ -192,10 +192,11 @@ class DINO(ImageObjective):
         return {"teacher": params, "center": jnp.zeros((1, self.out_dim), jnp.float32)}
 
     def teacher_temperature(self, step) -> jax.Array:
-        warmup = max(self.teacher_temp_warmup_steps, 1)
-        fraction = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
+        """Linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up steps."""
         if self.teacher_temp_warmup_steps == 0:
-            fraction = jnp.float32(1.0)
+            return jnp.float32(self.teacher_temp)
+        fraction = jnp.minimum(
+            jnp.asarray(step, jnp.float32) / self.teacher_temp_warmup_steps, 1.0)
         return self.warmup_teacher_temp + fraction * (self.teacher_temp - self.warmup_teacher_temp)
 
     def prepare(self, batch, rng):
@@ -208,13 +209,8 @@ class DINO(ImageObjective):
 
     def _logits(self, model, crops):
         views, batch = crops.shape[:2]
-        images = crops.reshape(views * batch, *crops.shape[2:])
-        if self.pool == "cls":
-            encoder = model.encoder
-            grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
-            features = encoder.encode(encoder.embed(patchify(images, self.patch_size), grid))[:, 0]
-        else:
-            features = image_features(model.encoder, images, self.patch_size)
+        features = image_features(model.encoder, crops.reshape(views * batch, *crops.shape[2:]),
+                                  self.patch_size, self.pool)
         return model.heads(features).reshape(views, batch, -1)
 
     def apply(self, model, inputs, context):
