@@ -134,7 +134,9 @@ class DINO(ImageObjective):
     resolution, position embeddings resized). Teacher outputs are centred (centre EMA
     ``center_momentum`` of the teacher's batch mean over the global batch) and sharpened
     (temperature warming up linearly from ``warmup_teacher_temp`` to ``teacher_temp`` over
-    ``teacher_temp_warmup_steps``); student temperature ``student_temp``. ``pool``: the head reads
+    ``teacher_temp_warmup_steps``); student temperature ``student_temp``.
+    ``freeze_last_layer_steps``: the prototypes (last layer) get no gradient before this step,
+    as the reference's ``freeze_last_layer`` (1 epoch there; 0, off, here). ``pool``: the head reads
     the mean of the patch tokens (default, what the probes read) or the cls token (the reference;
     needs ``model.cls_token``).
     """
@@ -156,6 +158,7 @@ class DINO(ImageObjective):
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     pool: str = "mean"             # head input: "mean" of patch tokens or the "cls" token (ref.)
+    freeze_last_layer_steps: int = 0   # the reference freezes the prototypes for the 1st epoch
 
     def __post_init__(self):
         if self.pool not in ("mean", "cls"):
@@ -170,6 +173,9 @@ class DINO(ImageObjective):
                                  f"{getattr(self, field)}")
         if self.num_local < 0:
             raise ValueError(f"objective.num_local: must be >= 0, got {self.num_local}")
+        if self.freeze_last_layer_steps < 0:
+            raise ValueError("objective.freeze_last_layer_steps: must be >= 0, got "
+                             f"{self.freeze_last_layer_steps}")
         _check_scale("global_scale", self.global_scale)
         _check_scale("local_scale", self.local_scale)
 
@@ -207,16 +213,17 @@ class DINO(ImageObjective):
             global_scale=tuple(self.global_scale), local_scale=tuple(self.local_scale))
         return {"global": global_crops, "local": local_crops}, None
 
-    def _logits(self, model, crops):
+    def _logits(self, model, crops, freeze_last=False):
         views, batch = crops.shape[:2]
         features = image_features(model.encoder, crops.reshape(views * batch, *crops.shape[2:]),
                                   self.patch_size, self.pool)
-        return model.heads(features).reshape(views, batch, -1)
+        return model.heads(features, freeze_last=freeze_last).reshape(views, batch, -1)
 
     def apply(self, model, inputs, context):
-        student = self._logits(model, inputs["global"])
+        freeze = jnp.asarray(context.step) < self.freeze_last_layer_steps
+        student = self._logits(model, inputs["global"], freeze)
         if self.num_local:
-            student = jnp.concatenate([student, self._logits(model, inputs["local"])])
+            student = jnp.concatenate([student, self._logits(model, inputs["local"], freeze)])
         teacher = self._logits(context.teacher, inputs["global"])
         return {"student": student, "teacher": teacher, "center": context.state["center"],
                 "teacher_temp": self.teacher_temperature(context.step)}

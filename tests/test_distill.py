@@ -139,3 +139,33 @@ def test_dino_pool_must_be_mean_or_cls():
     assert objectives.get("dino", pool="cls").pool == "cls"
     with pytest.raises(ValueError, match="objective.pool"):
         objectives.get("dino", pool="max")
+
+
+def test_dino_freeze_last_layer_zeroes_only_the_prototype_gradient():
+    """The reference cancels the last layer's gradient during the first epoch
+    (``freeze_last_layer``); the MLP below it still learns."""
+    from flax import nnx
+    from zoo.models.heads import DinoHead
+    head = DinoHead(8, 16, hidden_dim=12, bottleneck_dim=6, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(head, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+
+    def grads(freeze):
+        def loss(p):
+            out = nnx.merge(graphdef, p)(x, freeze_last=freeze)
+            return jnp.sum(jax.nn.log_softmax(out / 0.1)[:, 0])
+        return jax.grad(loss)(params)
+
+    frozen, free = grads(jnp.bool_(True)), grads(jnp.bool_(False))
+    assert np.all(np.asarray(frozen["last"][...]) == 0)
+    assert np.abs(np.asarray(free["last"][...])).max() > 0
+    for layer in range(3):
+        np.testing.assert_allclose(frozen["layers"][layer]["kernel"][...],
+                                   free["layers"][layer]["kernel"][...], rtol=1e-6)
+
+
+def test_dino_freezes_prototypes_for_the_configured_steps():
+    dino = objectives.get("dino", out_dim=4, freeze_last_layer_steps=3)
+    assert dino.freeze_last_layer_steps == 3
+    with pytest.raises(ValueError, match="objective.freeze_last_layer_steps"):
+        objectives.get("dino", freeze_last_layer_steps=-1)

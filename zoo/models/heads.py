@@ -86,10 +86,12 @@ class DinoHead(nnx.Module):
         self.last = param(rngs, nnx.initializers.truncated_normal(0.02),
                           (bottleneck_dim, out_dim), ("embed", "mlp"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, freeze_last: jax.Array | bool = False) -> jax.Array:
+        """``freeze_last`` (may be traced): no gradient reaches the last layer's weights."""
         for layer in self.layers[:-1]:
             x = jax.nn.gelu(layer(x), approximate=False)
         x = l2_normalize(self.layers[-1](x))
         weight = self.last[...]
+        weight = jnp.where(freeze_last, jax.lax.stop_gradient(weight), weight)
         weight = weight / jnp.linalg.norm(weight, axis=0, keepdims=True)
         return x @ weight
