@@ -29,8 +29,11 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, *, create: bool = True):
         self.directory = os.path.abspath(directory)
+        # cleanup_tmp_directories: a write killed half-way leaves a ``N.orbax-checkpoint-tmp``
+        # dir, never a ``N`` dir; the next writer removes the leftovers.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                read_only=not create,
+                                               cleanup_tmp_directories=create,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

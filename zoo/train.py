@@ -38,6 +38,7 @@ from zoo.flops import measure_matmul_peak, train_step_flops
 from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
 from zoo.metric_writer import MetricWriter, read_metrics
 from zoo.optim import make_optimizer
+from zoo.preemption import PreemptionWatcher
 
 log = logging.getLogger(__name__)
 
@@ -610,6 +611,9 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
       workdir: holds ``config.json``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/``.
       stop_at: stop after this step as if preempted (a checkpoint is written there).
 
+    SIGTERM (preemption) makes the run checkpoint at the next step boundary and return with
+    ``summary["preempted"] = True`` (the CLI then exits 0); run it again to resume.
+
     Example (notebook)::
 
         cfg = zoo.config.load("experiments/mae_digits.py:tiny")
@@ -651,8 +655,10 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     last_metrics: dict[str, float] = {}
     pending: list[dict] = []
     timer_start, timer_steps = None, 0
+    preempted = False
     try:
-        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
+        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules), \
+                PreemptionWatcher() as watcher:
             end = config.steps if stop_at is None else min(config.steps, stop_at)
             for step in range(start, end):
                 state, metrics = step_fn_at(step)(state, global_batch(experiment, next(batches)))
@@ -663,7 +669,9 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                     timer_start, timer_steps = time.perf_counter(), 0
                 else:
                     timer_steps += 1
-                is_last = done == end
+                # Every process agrees on the step to stop after (a SIGTERM to any of them).
+                preempted = done < end and watcher.stop_requested()
+                is_last = done == end or preempted
                 if done % config.log_every == 0 or is_last:
                     last_metrics = _log(pending, state, done, timer_start, timer_steps,
                                         experiment.step_flops, peak, writer, progress, config)
@@ -676,6 +684,10 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                     timer_start, timer_steps = time.perf_counter(), 0  # saving is not training
                 if progress is not None:
                     progress.update(1)
+                if preempted:
+                    log.warning("preempted: checkpoint written at step %d in %s; run the same "
+                                "command again to resume", done, workdir)
+                    break
     finally:
         writer.close()
         checkpointer.close()
@@ -685,7 +697,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         records = read_metrics(workdir)
         last_metrics = {k: v for k, v in records[-1].items() if k not in ("step", "time")} \
             if records else {}
-    return {"workdir": workdir, "step": int(state.step), **last_metrics}
+    return {"workdir": workdir, "step": int(state.step), "preempted": preempted, **last_metrics}
 
 
 def _log(pending, state, step, timer_start, timer_steps, step_flops, peak, writer, progress,

@@ -1,0 +1,153 @@
+"""Faults a long run meets: preemption (SIGTERM), kill -9 at random moments (also during a
+checkpoint write), and an unwritable checkpoint directory. Real ``zoo pretrain`` processes."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import zoo.config
+import zoo.train
+from zoo.metric_writer import read_metrics
+from zoo.preemption import PreemptionWatcher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(workdir, *settings):
+    return [sys.executable, "-m", "zoo.cli", "-v", "pretrain", "--config",
+            "experiments/mae_digits.py:tiny", "--workdir", str(workdir),
+            "--set", "progress=False", "--set", "mesh=(('data',2),('fsdp',1),('tensor',1))",
+            *[arg for s in settings for arg in ("--set", s)]]
+
+
+def _env(data_dir, cache_dir):
+    env = dict(os.environ, ZOO_DATA_DIR=data_dir, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    return env
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+
+def _final_params(workdir, settings):
+    config = zoo.config.load(os.path.join(ROOT, "experiments/mae_digits.py:tiny"),
+                             ["progress=False", *settings])
+    experiment = zoo.train.build(config, devices=jax.devices()[:2])
+    state, step = zoo.train.restore_or_init(experiment, str(workdir))
+    return jax.device_get(state.params), step
+
+
+def test_watcher_turns_sigterm_into_a_flag_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionWatcher() as watcher:
+        assert not watcher.stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)      # would end pytest without the handler
+        deadline = time.time() + 5
+        while not watcher.stop_requested() and time.time() < deadline:
+            time.sleep(0.01)
+        assert watcher.stop_requested()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_requested_stop_checkpoints_that_step_and_resume_finishes(data_dir, tmp_path,
+                                                                 monkeypatch):
+    """In process: a stop requested during step 3 ends the run after step 3 with a checkpoint
+    there; the next call resumes and reproduces the uninterrupted run's losses."""
+    import zoo.preemption
+    config = zoo.config.load(os.path.join(ROOT, "experiments/mae_digits.py:tiny"),
+                             ["progress=False", "steps=6", "log_every=1", "checkpoint_every=100"])
+    full = zoo.train.train(config, str(tmp_path / "full"))
+    calls = {"n": 0}
+    real = zoo.preemption.PreemptionWatcher.stop_requested
+
+    def stop_after_three(self):
+        calls["n"] += 1
+        return calls["n"] >= 3 or real(self)
+
+    monkeypatch.setattr(zoo.preemption.PreemptionWatcher, "stop_requested", stop_after_three)
+    first = zoo.train.train(config, str(tmp_path / "cut"))
+    assert first["preempted"] and first["step"] == 3
+    assert zoo.train.completed_checkpoint_steps(str(tmp_path / "cut")) == [3]
+    monkeypatch.setattr(zoo.preemption.PreemptionWatcher, "stop_requested", real)
+    second = zoo.train.train(config, str(tmp_path / "cut"))
+    assert not second["preempted"] and second["step"] == 6 and not full["preempted"]
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_exits_0_and_resumes(data_dir, tmp_path):
+    settings = ["steps=400", "log_every=1", "checkpoint_every=1000"]
+    env = _env(data_dir, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(_command(workdir, *settings), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not _losses(workdir):
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be preempted"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    stopped = zoo.train.completed_checkpoint_steps(str(workdir))
+    assert len(stopped) == 1 and 1 <= stopped[0] < 400, stopped
+    assert '"preempted": true' in out
+    # Resume to a short end and compare with an uninterrupted run (same schedule, same end).
+    end = ["--stop-at", str(stopped[0] + 3)]
+    subprocess.run(_command(workdir, *settings) + end, cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    subprocess.run(_command(tmp_path / "full", *settings) + end, cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    resumed, full = _losses(workdir), _losses(tmp_path / "full")
+    assert sorted(resumed) == list(range(1, stopped[0] + 4))
+    assert resumed == full
+
+
+@pytest.mark.slow
+def test_twenty_random_kill9s_never_restore_a_partial_checkpoint(data_dir, tmp_path):
+    """SIGKILL at random moments (a checkpoint every step, so most kills after start-up land
+    inside a write); each restart resumes from the newest COMPLETE checkpoint on disk, and the
+    final parameters equal an uninterrupted run's bit for bit."""
+    steps = 200                      # long enough that 20 short lives cannot finish it
+    settings = [f"steps={steps}", "log_every=10", "checkpoint_every=1", "keep_checkpoints=2"]
+    env = _env(data_dir, tmp_path / "cache")
+    # The reference: same schedule, one checkpoint at the end (saving does not change params).
+    subprocess.run(_command(tmp_path / "full", *settings, f"checkpoint_every={steps}"),
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    workdir, rng, kills, resumes = tmp_path / "killed", random.Random(0), 0, []
+    while kills < 20:
+        complete = zoo.train.completed_checkpoint_steps(str(workdir))
+        log_path = tmp_path / f"stderr_{kills}.txt"
+        with open(log_path, "w") as stderr:
+            process = subprocess.Popen(_command(workdir, *settings), cwd=ROOT, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                process.wait(timeout=rng.uniform(0.2, 12.0))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+        assert process.returncode == -signal.SIGKILL, log_path.read_text()[-2000:]
+        found = re.search(r"resumed from step (\d+)", log_path.read_text())
+        if found:   # it got far enough to restore: from the newest complete checkpoint
+            resumes.append(int(found.group(1)))
+            assert int(found.group(1)) == max(complete), (found.group(1), complete)
+        else:
+            assert not complete, "a run with checkpoints on disk started from scratch"
+    assert len(resumes) >= 5 and resumes[-1] > 0, resumes   # kills landed after progress
+    subprocess.run(_command(workdir, *settings), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    ours, step = _final_params(workdir, settings)
+    reference, reference_step = _final_params(tmp_path / "full", settings)
+    assert step == reference_step == steps
+    jax.tree.map(np.testing.assert_array_equal, ours, reference)
