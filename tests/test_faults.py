@@ -151,3 +151,87 @@ def test_twenty_random_kill9s_never_restore_a_partial_checkpoint(data_dir, tmp_p
     reference, reference_step = _final_params(tmp_path / "full", settings)
     assert step == reference_step == steps
     jax.tree.map(np.testing.assert_array_equal, ours, reference)
+
+
+def _tiny_config(*settings):
+    return zoo.config.load(os.path.join(ROOT, "experiments/mae_digits.py:tiny"),
+                           ["progress=False", "steps=4", "checkpoint_every=2", *settings])
+
+
+def _assert_only_step_2_left_and_it_restores(workdir, config):
+    directory = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(directory)) == ["2"]          # no partial step-4 files
+    state, step = zoo.train.restore_or_init(zoo.train.build(config), str(workdir))
+    assert step == 2 and int(state.step) == 2
+
+
+def test_a_full_disk_is_refused_before_writing_and_the_last_checkpoint_stays(
+        data_dir, tmp_path, monkeypatch):
+    import zoo.checkpoint
+    config = _tiny_config()
+    real_usage, saves = zoo.checkpoint.shutil.disk_usage, []
+
+    def full_after_first_save(path):
+        saves.append(path)
+        usage = real_usage(path)
+        return usage._replace(free=usage.free if len(saves) == 1 else 1024)
+
+    monkeypatch.setattr(zoo.checkpoint.shutil, "disk_usage", full_after_first_save)
+    with pytest.raises(zoo.checkpoint.CheckpointWriteError,
+                       match=r"cannot write step 4 .*1024|previous checkpoint \(step 2\)") as info:
+        zoo.train.train(config, str(tmp_path / "run"))
+    assert "MiB free" in str(info.value) and "previous checkpoint (step 2) is intact" in str(
+        info.value)
+    monkeypatch.undo()
+    _assert_only_step_2_left_and_it_restores(tmp_path / "run", config)
+
+
+def test_a_write_failing_midway_removes_its_partial_files(data_dir, tmp_path, monkeypatch):
+    """The disk fills up during the write (tensorstore reports it as a ValueError)."""
+    import zoo.checkpoint
+    config = _tiny_config()
+    real_save = zoo.checkpoint.ocp.CheckpointManager.save
+
+    def fail_at_step_4(self, step, *args, **kwargs):
+        if step != 4:
+            return real_save(self, step, *args, **kwargs)
+        os.makedirs(os.path.join(self.directory, "4.orbax-checkpoint-tmp", "state"))
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing ...: No space left on device")
+
+    monkeypatch.setattr(zoo.checkpoint.ocp.CheckpointManager, "save", fail_at_step_4)
+    with pytest.raises(zoo.checkpoint.CheckpointWriteError,
+                       match=r"step 4 .*RESOURCE_EXHAUSTED.*previous checkpoint \(step 2\)"):
+        zoo.train.train(config, str(tmp_path / "run"))
+    monkeypatch.undo()
+    _assert_only_step_2_left_and_it_restores(tmp_path / "run", config)
+
+
+@pytest.mark.slow
+def test_real_full_and_read_only_filesystems_give_one_line_errors(data_dir, tmp_path):
+    """On a real 1 MiB tmpfs (needs mount privileges): the CLI prints one line and exits 2,
+    the previous checkpoint stays restorable; then the same for a read-only remount."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        env = _env(data_dir, tmp_path / "cache")
+        command = _command(mount / "run", "steps=6", "checkpoint_every=2", "keep_checkpoints=5")
+        command.remove("-v")
+        full = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert full.returncode == 2
+        error_lines = [l for l in full.stderr.splitlines() if l.startswith("zoo pretrain:")]
+        assert len(error_lines) == 1 and "previous checkpoint (step 2) is intact" in \
+            error_lines[0], full.stderr[-2000:]
+        assert zoo.train.completed_checkpoint_steps(str(mount / "run")) == [2]
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        read_only = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        assert read_only.returncode == 2
+        assert read_only.stderr.strip().endswith("is not writable"), read_only.stderr[-2000:]
+        config = _tiny_config("steps=6")
+        state, step = zoo.train.restore_or_init(zoo.train.build(config), str(mount / "run"))
+        assert step == 2
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -6,6 +6,8 @@ a save leaves the previous checkpoint as the latest complete one.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from typing import Any
 
 import jax
@@ -15,6 +17,27 @@ import orbax.checkpoint as ocp
 
 class NonFiniteParamsError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only or unwritable directory); the
+    previous complete checkpoint is untouched."""
+
+
+# Free space a save needs beyond the state's own bytes (metadata, the data iterator's JSON).
+_SAVE_MARGIN_BYTES = 256 * 1024
+
+
+def local_state_bytes(state: Any) -> int:
+    """Bytes this process writes for ``state``: one copy of each addressable shard."""
+    total = 0
+    for leaf in jax.tree.leaves(state):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            total += getattr(leaf, "nbytes", 0)
+        else:
+            total += sum(shard.data.nbytes for shard in shards if shard.replica_id == 0)
+    return total
 
 
 @jax.jit
@@ -41,13 +64,56 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict) -> None:
-        """Saves synchronously; refuses parameters that are not all finite."""
+        """Saves synchronously; refuses parameters that are not all finite.
+
+        A directory that cannot take the checkpoint (not writable, or less free space than the
+        state's bytes) is refused BEFORE writing; a write that fails anyway (the disk filled up
+        meanwhile) has its partial files removed. Either way ``CheckpointWriteError`` names the
+        directory and the previous complete checkpoint, which stays intact."""
         if not bool(_all_finite(state.params)):
             raise NonFiniteParamsError(f"step {step}: parameters are not finite; "
                                        "refusing to write a checkpoint")
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
-        self.manager.wait_until_finished()
+        self._check_writable(step, state)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+                force=True)
+            self.manager.wait_until_finished()
+        except Exception as error:   # tensorstore reports ENOSPC as ValueError(RESOURCE_...)
+            self._remove_partial(step)
+            reason = str(error).splitlines()[0][:200]
+            raise CheckpointWriteError(self._failure(step, reason)) from error
+
+    def _failure(self, step: int, reason: str) -> str:
+        latest = self.latest_step()
+        kept = (f"the previous checkpoint (step {latest}) is intact" if latest is not None
+                else "no earlier checkpoint exists")
+        return f"checkpoint: cannot write step {step} to {self.directory}: {reason}; {kept}"
+
+    def _check_writable(self, step: int, state: Any) -> None:
+        probe = os.path.join(self.directory, f".write_probe_{uuid.uuid4().hex}")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"0")
+            os.remove(probe)
+        except OSError as error:
+            raise CheckpointWriteError(self._failure(step, error.strerror or str(error))) \
+                from None
+        needed = local_state_bytes(state) + _SAVE_MARGIN_BYTES
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise CheckpointWriteError(self._failure(
+                step, f"{free / 2**20:.1f} MiB free, the checkpoint needs about "
+                      f"{needed / 2**20:.1f} MiB"))
+
+    def _remove_partial(self, step: int) -> None:
+        """Deletes this save's half-written ``<step>.orbax-checkpoint-tmp*`` dirs (never a
+        complete step dir: those are only ever created by orbax's final rename)."""
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores onto ``abstract_state``'s shapes and shardings (ShapeDtypeStructs)."""

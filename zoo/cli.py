@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.func(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:   # bad input; a workdir that cannot be written
         if args.verbose:
             raise
         print(f"zoo {args.command}: error: {error}", file=sys.stderr)

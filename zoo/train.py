@@ -437,7 +437,7 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=Non
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
         (loss, (metrics, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.objective_state, state.step, batch, rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(params, opt_state, objective_state, grads):
