@@ -82,6 +82,9 @@ class Objective:
     required_posemb: ClassVar[str | None] = None   # e.g. "none": the backbone must not get any
     suite: ClassVar[str | None] = None   # the `zoo compare --suite` that runs it (None: none)
     stateful: ClassVar[bool] = False     # True: apply(model, inputs, context); see StepContext
+    # False: the loss couples a batch's examples (in-batch negatives, BatchNorm), so gradient
+    # accumulation over micro-batches would change it (zoo refuses grad_accum_steps > 1).
+    per_example_loss: ClassVar[bool] = True
 
     def validate(self, *, image_shape: tuple[int, int, int]) -> None:
         """Checks hyperparameters against the data before anything compiles."""

@@ -106,6 +106,7 @@ class SimCLR(ImageObjective):
     """
 
     name: ClassVar[str] = "simclr"
+    per_example_loss: ClassVar[bool] = False     # global-batch negatives and BatchNorm
     reference: ClassVar[str] = "Chen et al. 2020; google-research/simclr objective.py"
     temperature: float = 0.1
     proj_dim: int = 128
@@ -184,6 +185,7 @@ class PairObjective(Objective):
     """
 
     modality: ClassVar[str] = "pairs"
+    per_example_loss: ClassVar[bool] = False     # in-batch negatives
     suite: ClassVar[str | None] = "retrieval"
     vocab_size: int = 363          # filled in from the tokenizer
     text_len: int = 64             # filled in from data.seq_len

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from zoo.mesh import DEFAULT_RULES
 
 NONFINITE_POLICIES = ("skip", "stop")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_batch")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,6 +38,9 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     mlp_dim: int | None = None
+    remat: str = "none"           # rematerialise each Transformer block in the backward pass:
+                                  # "none" | "full" (keep only block inputs) | "dots" (keep
+                                  # matmul outputs without batch dims) | "dots_with_batch"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,6 +63,17 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1     # micro-batches per update: the same update on 1/k the memory
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpikeConfig:
+    """Skip updates whose loss or gradient norm is far above the recent running statistics (as
+    OLMo 2's skip-step): a spike if ``value > mean + threshold * std`` of the previous
+    ``window`` applied steps' values, once ``window`` steps have been seen. Off by default."""
+    enabled: bool = False
+    window: int = 128
+    threshold: float = 6.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,6 +90,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     probe: ProbeConfig = ProbeConfig()
+    spike: SpikeConfig = SpikeConfig()
     mesh: tuple = (("data", -1), ("fsdp", 1), ("tensor", 1))
     rules: tuple = DEFAULT_RULES
     steps: int = 100
@@ -96,7 +112,8 @@ class Config:
 
 # Fields that may change between runs in one workdir (they do not change what a step computes).
 RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "progress",
-                    "peak_flops", "probe", "data.data_dir")
+                    "peak_flops", "probe", "data.data_dir", "model.remat",
+                    "optim.grad_accum_steps")
 
 
 def validate(config: Config) -> Config:
@@ -106,6 +123,16 @@ def validate(config: Config) -> Config:
         raise ValueError(f"model.dtype: unknown {m.dtype!r}; allowed: {tuple(DTYPES)}")
     if config.data.seq_len <= 0:
         raise ValueError(f"data.seq_len: must be positive, got {config.data.seq_len}")
+    if m.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat: unknown {m.remat!r}; allowed: {REMAT_POLICIES}")
+    if o.grad_accum_steps <= 0:
+        raise ValueError(f"optim.grad_accum_steps: must be >= 1, got {o.grad_accum_steps}")
+    if config.data.batch_size % o.grad_accum_steps:
+        raise ValueError(f"optim.grad_accum_steps: {o.grad_accum_steps} does not divide the "
+                         f"global batch {config.data.batch_size}")
+    if config.spike.window < 2 or config.spike.threshold <= 0:
+        raise ValueError(f"spike: window must be >= 2 and threshold > 0, got "
+                         f"{config.spike.window} and {config.spike.threshold}")
     if m.patch_size <= 0:
         raise ValueError(f"model.patch_size: must be positive, got {m.patch_size}")
     if o.schedule not in SCHEDULES:
@@ -242,4 +269,4 @@ def _deep_tuple(value):
 
 
 _SUBCONFIGS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-               "probe": ProbeConfig}
+               "probe": ProbeConfig, "spike": SpikeConfig}

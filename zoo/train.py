@@ -33,6 +33,7 @@ import zoo.data
 import zoo.models
 import zoo.text
 from zoo import config as config_lib
+from zoo import spike as spike_lib
 from zoo.checkpoint import Checkpointer
 from zoo.flops import measure_matmul_peak, train_step_flops
 from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
@@ -51,6 +52,7 @@ class TrainState(NamedTuple):
     nonfinite_steps: jax.Array       # int32: updates skipped for a non-finite loss/gradient
     first_nonfinite_step: jax.Array  # int32: the first such step, -1 if none
     objective_state: Any = None      # stateful objectives: EMA teacher, DINO centre, ...
+    spike_stats: Any = None          # config.spike.enabled: recent (loss, grad norm) window
 
 
 @dataclasses.dataclass
@@ -163,7 +165,7 @@ def create_backbone(config: config_lib.Config, objective: objectives.Objective, 
     name = model_name(config, objective, data_spec)
     posemb = model_posemb(config, objective, data_spec)
     dims = dict(size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-                mlp_dim=m.mlp_dim, dtype=dtype, rngs=rngs)
+                mlp_dim=m.mlp_dim, dtype=dtype, rngs=rngs, remat=m.remat)
     if name == "vit":
         image_shape = data_spec.image_shape
         grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)
@@ -261,6 +263,9 @@ def _build_experiment(config, objective, data_spec, devices) -> Experiment:
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size: {config.data.batch_size} is not divisible by the "
                          f"{jax.process_count()} processes")
+    accum = config.optim.grad_accum_steps
+    if accum > 1:
+        check_accumulation(objective, accum, config.data.batch_size, parallel)
     tx, schedule = make_optimizer(config.optim, config.steps)
 
     def init() -> TrainState:
@@ -269,7 +274,8 @@ def _build_experiment(config, objective, data_spec, devices) -> Experiment:
         return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(config.seed + 1),
                           nonfinite_steps=jnp.int32(0), first_nonfinite_step=jnp.int32(-1),
-                          objective_state=objective.init_state(params))
+                          objective_state=objective.init_state(params),
+                          spike_stats=spike_lib.init_stats(config.spike))
 
     with nnx.logical_axis_rules(config.rules):
         abstract = jax.eval_shape(init)
@@ -420,25 +426,79 @@ def make_loss_and_grad(experiment: Experiment):
                    out_shardings=(None, experiment.state_shardings.params))
 
 
+def check_accumulation(objective, accum: int, batch_size: int, parallel: int) -> None:
+    """Gradient accumulation averages per-micro-batch gradients: exact only for losses that are
+    means over independent examples, so objectives that couple examples are refused."""
+    coupled = objective.modality == "mixture" or objective.stateful or not getattr(
+        objective, "per_example_loss", True)
+    if coupled:
+        raise ValueError(f"optim.grad_accum_steps: {objective.name!r} couples the examples of a "
+                         "batch (in-batch negatives, batch statistics, a teacher or a mixture), "
+                         "so micro-batches would change the loss; allowed: 1")
+    micro = batch_size // accum
+    if micro % parallel:
+        raise ValueError(f"optim.grad_accum_steps: micro-batches of {micro} rows do not split "
+                         f"over the {parallel} data-parallel devices; allowed: divisors of "
+                         f"{batch_size // parallel} (rows per device)")
+
+
+def _micro_batches(tree, accum: int):
+    """[B, ...] leaves -> [accum, B/accum, ...], micro-batch j = rows j, j+accum, ... so every
+    data-parallel shard contributes to every micro-batch (no device idles)."""
+    def split(x):
+        x = jnp.asarray(x)
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+    return jax.tree.map(split, tree)
+
+
 def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=None):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
     ``prepared=True`` makes a step that is fed ``objective.prepare``'s ``(inputs, targets)``
     instead of a raw batch (benchmarks use it to price the on-device corruption). ``phase``: a
-    mixture's active component keys (``Mixture.phase``); the step runs only those."""
+    mixture's active component keys (``Mixture.phase``); the step runs only those.
+
+    With ``optim.grad_accum_steps = k > 1`` the objective corrupts the WHOLE global batch with
+    the step's rng (so the corruption is the one the plain path draws), then the forward and
+    backward run over k micro-batches in a ``lax.scan`` and the mean gradient is applied once.
+    With ``spike.enabled`` an update whose loss or gradient norm is a spike is skipped."""
+    config = experiment.config
     objective, tx = experiment.objective, experiment.tx
     if phase is not None:
         objective = objective.for_phase(phase)
     schedule, salt = experiment.schedule, objective_salt(experiment.objective.name)
-    total_steps = experiment.config.steps
-    loss_fn = make_loss_fn(experiment, prepared=prepared, objective=objective)
+    total_steps = config.steps
+    accum = config.optim.grad_accum_steps
+    loss_fn = make_loss_fn(experiment, prepared=prepared or accum > 1, objective=objective)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(state, batch, rng):
+        if accum == 1:
+            return grad_fn(state.params, state.objective_state, state.step, batch, rng)
+        micro = _micro_batches(batch if prepared else objective.prepare(batch, rng), accum)
+
+        def one(carry, micro_batch):
+            (loss, (metrics, _)), grads = grad_fn(state.params, state.objective_state,
+                                                  state.step, micro_batch, rng)
+            return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda b: grad_fn(state.params, state.objective_state,
+                                                  state.step, b, rng), first)
+        (_, (metric_shapes, _)), grad_shapes = shapes
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                             (shapes[0][0], metric_shapes, grad_shapes))
+        (loss, metrics, grads), _ = jax.lax.scan(one, zeros, micro)
+        loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        return (loss, (metrics, None)), grads
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), salt)
-        (loss, (metrics, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.objective_state, state.step, batch, rng)
+        (loss, (metrics, outputs)), grads = loss_and_grads(state, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        spike = (spike_lib.is_spike(config.spike, state.spike_stats, loss, grad_norm)
+                 if config.spike.enabled else jnp.bool_(False))
 
         def apply_update(params, opt_state, objective_state, grads):
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -455,9 +515,12 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=Non
         # alive next to the new one, and XLA then copies every donated mu/nu buffer each step
         # (BERT-base: 874 MB of copies per step on CPU).
         params, opt_state, objective_state = jax.lax.cond(
-            finite, apply_update, skip, state.params, state.opt_state, state.objective_state,
-            grads)
+            finite & ~spike, apply_update, skip, state.params, state.opt_state,
+            state.objective_state, grads)
         bad = jnp.logical_not(finite).astype(jnp.int32)
+        spike_stats = (spike_lib.update_stats(state.spike_stats, loss, grad_norm,
+                                              applied=finite & ~spike, spike=spike)
+                       if config.spike.enabled else state.spike_stats)
         new_state = TrainState(
             step=state.step + 1,
             params=params,
@@ -466,9 +529,13 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=Non
             nonfinite_steps=state.nonfinite_steps + bad,
             first_nonfinite_step=jnp.where((bad > 0) & (state.first_nonfinite_step < 0),
                                            state.step, state.first_nonfinite_step),
-            objective_state=objective_state)
+            objective_state=objective_state,
+            spike_stats=spike_stats)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "skipped": bad.astype(jnp.float32)}
+                   "skipped": jnp.maximum(bad, spike).astype(jnp.float32)}
+        if config.spike.enabled:
+            metrics["spike"] = spike.astype(jnp.float32)
+            metrics["spike_steps"] = spike_stats["skipped"].astype(jnp.float32)
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0,

@@ -99,11 +99,31 @@ class Block(nnx.Module):
         return shard_activation(x, ("batch", "seq", "act_embed"))
 
 
+# ``model.remat``: what a block keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,                                                  # keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,              # keep only block inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,   # keep weight matmuls
+    "dots_with_batch": jax.checkpoint_policies.dots_saveable,     # keep every matmul output
+}
+
+
+def call_block(block: nnx.Module, *args, remat: str = "none"):
+    """``block(*args)``, rematerialised under the ``remat`` policy (same values, less memory,
+    more FLOPs in the backward pass)."""
+    if remat == "none":
+        return block(*args)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat: unknown {remat!r}; allowed: {tuple(REMAT_POLICIES)}")
+    return nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[remat])(block, *args)
+
+
 class TransformerStack(nnx.Module):
     """``depth`` blocks followed by a final LayerNorm."""
 
     def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+                 rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none"):
+        self.remat = remat
         self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
                                 for _ in range(depth)])
         self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
@@ -114,6 +134,6 @@ class TransformerStack(nnx.Module):
         every block's output (before the final norm), e.g. for multi-layer feature fusion."""
         layers = []
         for block in self.blocks:
-            x = block(x, mask)
+            x = call_block(block, x, mask, remat=self.remat)
             layers.append(x)
         return (self.norm(x), layers) if return_layers else self.norm(x)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from zoo.mesh import shard_activation
-from zoo.models.layers import Attention, Block, Mlp, dense, layer_norm, param
+from zoo.models.layers import Attention, Block, Mlp, call_block, dense, layer_norm, param
 from zoo.models.posemb import sincos_1d
 from zoo.text import PAD
 
@@ -95,9 +95,9 @@ class TextTransformer(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int,
                  num_heads: int, mlp_dim: int, causal: bool = False, posemb: str = "learn",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, rngs: nnx.Rngs, remat: str = "none"):
         self.vocab_size, self.max_len, self.width, self.depth = vocab_size, max_len, width, depth
-        self.mlp_dim, self.causal, self.dtype = mlp_dim, causal, dtype
+        self.mlp_dim, self.causal, self.dtype, self.remat = mlp_dim, causal, dtype, remat
         self.embedding = TokenEmbedding(vocab_size, max_len, width, posemb=posemb, rngs=rngs,
                                         dtype=dtype)
         self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
@@ -125,7 +125,7 @@ class TextTransformer(nnx.Module):
             mask = mask & key_mask[:, None, None, :]
         x = self.embedding(tokens)
         for block in self.blocks:
-            x = block(x, mask)
+            x = call_block(block, x, mask, remat=self.remat)
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -185,13 +185,13 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int,
                  num_heads: int, mlp_dim: int, posemb: str = "learn", dtype=jnp.float32,
-                 rngs: nnx.Rngs, decoder_depth: int | None = None):
+                 rngs: nnx.Rngs, decoder_depth: int | None = None, remat: str = "none"):
         self.vocab_size, self.max_len, self.width, self.depth = vocab_size, max_len, width, depth
-        self.mlp_dim, self.dtype = mlp_dim, dtype
+        self.mlp_dim, self.dtype, self.remat = mlp_dim, dtype, remat
         self.decoder_depth = depth if decoder_depth is None else decoder_depth
         self.encoder = TextTransformer(vocab_size=vocab_size, max_len=max_len, width=width,
                                        depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                       posemb=posemb, dtype=dtype, rngs=rngs)
+                                       posemb=posemb, dtype=dtype, rngs=rngs, remat=remat)
         self.decoder_blocks = nnx.List([
             DecoderBlock(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
             for _ in range(self.decoder_depth)])
@@ -212,7 +212,7 @@ class EncoderDecoder(nnx.Module):
         cross_mask = key_padding_mask(inputs)
         x = self.embedding(decoder_inputs)
         for block in self.decoder_blocks:
-            x = block(x, self_mask, memory, cross_mask)
+            x = call_block(block, x, self_mask, memory, cross_mask, remat=self.remat)
         return self.decoder_norm(x)
 
     def __call__(self, inputs: jax.Array, decoder_inputs: jax.Array) -> jax.Array:
