@@ -45,3 +45,22 @@ def test_readme_objective_example_runs():
     # Four balanced classes at init: cross-entropy near log(4), accuracy a fraction.
     assert np.isfinite(float(loss)) and 0.5 < float(loss) < 3.0
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+
+
+def test_notebook_functions_stay_callable_after_their_modules_are_imported():
+    """`import zoo.train` binds the submodule to `zoo.train`; the README's `zoo.train(cfg, dir)`
+    must still call the function (fresh interpreter: nothing imported before)."""
+    import subprocess
+    import sys
+    code = ("import zoo.train, zoo.probe, zoo.compare, zoo.bench, zoo\n"
+            "for name in ('train', 'probe', 'compare', 'bench'):\n"
+            "    assert callable(getattr(zoo, name)), name\n"
+            "try:\n"
+            "    zoo.train()\n"
+            "except TypeError as error:\n"
+            "    print(error)\n"
+            "print(zoo.train.build.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "train() missing 2 required positional arguments" in out
+    assert out.strip().endswith("build")

@@ -210,3 +210,8 @@ def format_text_result(r: dict, config: config_lib.Config) -> str:
         lines += [f"  pre-corrupted step   {r['precorrupted_step_seconds']:.3f} s  -> on-device "
                   f"corruption costs {100 * r['corruption_overhead']:+.1f}%"]
     return "\n".join(lines)
+
+
+from zoo._callable_module import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, "bench_mae")   # zoo.bench(...) after `import zoo.bench`

@@ -197,3 +197,8 @@ def plot_results(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+from zoo._callable_module import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, "compare")   # zoo.compare(...) after `import zoo.compare`

@@ -148,3 +148,8 @@ def text_probe_split(dataset: str, split: str, length: int, spec, data_dir):
     if not len(labels) or labels.min() < 0:
         raise ValueError(f"probe.dataset: {dataset!r} has no labelled {split} chunks")
     return tokens, labels
+
+
+from zoo._callable_module import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, "probe")   # zoo.probe(...) after `import zoo.probe`

@@ -809,3 +809,8 @@ def _progress(config, start):
     name = "+".join(config.objectives) if config.objectives else config.objective["name"]
     return tqdm(total=config.steps, initial=start, desc=name,
                 dynamic_ncols=True)
+
+
+from zoo._callable_module import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, "train")   # zoo.train(...) after `import zoo.train`
