@@ -203,10 +203,10 @@ class PairObjective(Objective):
         raise NotImplementedError
 
     def make_heads(self, encoder, *, rngs, dtype=jnp.float32):
-        block = (encoder.encoder if hasattr(encoder, "encoder") else encoder).blocks[0]
+        stack = encoder.encoder if hasattr(encoder, "encoder") else encoder
         text_tower = TextTransformer(
             vocab_size=self.vocab_size, max_len=self.text_len, width=encoder.width,
-            depth=encoder.depth, num_heads=block.attn.num_heads, mlp_dim=encoder.mlp_dim,
+            depth=encoder.depth, num_heads=stack.num_heads, mlp_dim=encoder.mlp_dim,
             dtype=dtype, rngs=rngs)
         return TwoTowerHeads(encoder, tower_b=text_tower, embed_dim=self.embed_dim,
                              scalars=self.scalars(), rngs=rngs, dtype=dtype)

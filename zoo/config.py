@@ -41,6 +41,8 @@ class ModelConfig:
     remat: str = "none"           # rematerialise each Transformer block in the backward pass:
                                   # "none" | "full" (keep only block inputs) | "dots" (keep
                                   # matmul outputs without batch dims) | "dots_with_batch"
+    scan_layers: bool = False     # stack the blocks' parameters and lax.scan over them (one
+                                  # block compiled; changes the checkpoint layout)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -165,7 +165,7 @@ def create_backbone(config: config_lib.Config, objective: objectives.Objective, 
     name = model_name(config, objective, data_spec)
     posemb = model_posemb(config, objective, data_spec)
     dims = dict(size=m.size, width=m.width, depth=m.depth, num_heads=m.num_heads,
-                mlp_dim=m.mlp_dim, dtype=dtype, rngs=rngs, remat=m.remat)
+                mlp_dim=m.mlp_dim, dtype=dtype, rngs=rngs, remat=m.remat, scan=m.scan_layers)
     if name == "vit":
         image_shape = data_spec.image_shape
         grid = (image_shape[0] // m.patch_size, image_shape[1] // m.patch_size)

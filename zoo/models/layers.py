@@ -5,6 +5,8 @@ axes. ``dtype`` is the compute dtype (e.g. bfloat16); parameters are always floa
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -118,20 +120,63 @@ def call_block(block: nnx.Module, *args, remat: str = "none"):
     return nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[remat])(block, *args)
 
 
+class ScannedBlocks(nnx.Module):
+    """``depth`` blocks whose parameters are stacked on a leading ``layers`` axis (never
+    sharded), run with one ``nnx.scan``: the compiled program holds ONE block, so deep models
+    compile in the time of a shallow one. ``make_block(rngs)`` builds one block.
+
+    Initial values differ from the unscanned list (each layer's keys are split differently);
+    ``stack_blocks`` converts a list's parameters into this layout."""
+
+    def __init__(self, depth: int, make_block, *, rngs: nnx.Rngs, remat: str = "none"):
+        self.depth, self.remat = depth, remat
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(rngs):
+            return make_block(rngs)
+
+        self.layers = create(rngs)
+
+    def __call__(self, x: jax.Array, *args, return_layers: bool = False):
+        """``x`` through every layer; with ``return_layers`` also ``[depth, ...]`` outputs."""
+        remat = self.remat
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        def run(x, block):
+            y = call_block(block, x, *args, remat=remat)
+            return y, (y if return_layers else None)
+
+        x, outputs = run(x, self.layers)
+        return (x, outputs) if return_layers else x
+
+
+def stack_blocks(block_states: list) -> Any:
+    """Per-layer parameter states (``nnx.state(block, nnx.Param)``) -> the ``ScannedBlocks``
+    layout (leaves stacked on a new leading axis)."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *block_states)
+
+
 class TransformerStack(nnx.Module):
-    """``depth`` blocks followed by a final LayerNorm."""
+    """``depth`` blocks followed by a final LayerNorm (``scan``: as one ``ScannedBlocks``)."""
 
     def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *,
-                 rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none"):
-        self.remat = remat
-        self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
-                                for _ in range(depth)])
+                 rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none", scan: bool = False):
+        self.remat, self.scan, self.num_heads = remat, scan, num_heads
+        make = lambda rngs: Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)  # noqa
+        self.blocks = (ScannedBlocks(depth, make, rngs=rngs, remat=remat) if scan
+                       else nnx.List([make(rngs) for _ in range(depth)]))
         self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
                  return_layers: bool = False):
         """[B, L, W] -> [B, L, W] after the final norm; with ``return_layers`` also the list of
         every block's output (before the final norm), e.g. for multi-layer feature fusion."""
+        if self.scan:
+            if not return_layers:
+                return self.norm(self.blocks(x, mask))
+            x, stacked = self.blocks(x, mask, return_layers=True)
+            return self.norm(x), [stacked[i] for i in range(stacked.shape[0])]
         layers = []
         for block in self.blocks:
             x = call_block(block, x, mask, remat=self.remat)

@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from zoo.mesh import shard_activation
-from zoo.models.layers import Attention, Block, Mlp, call_block, dense, layer_norm, param
+from zoo.models.layers import (Attention, Block, Mlp, ScannedBlocks, call_block, dense,
+                               layer_norm, param)
 from zoo.models.posemb import sincos_1d
 from zoo.text import PAD
 
@@ -95,13 +96,15 @@ class TextTransformer(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int,
                  num_heads: int, mlp_dim: int, causal: bool = False, posemb: str = "learn",
-                 dtype=jnp.float32, rngs: nnx.Rngs, remat: str = "none"):
+                 dtype=jnp.float32, rngs: nnx.Rngs, remat: str = "none", scan: bool = False):
         self.vocab_size, self.max_len, self.width, self.depth = vocab_size, max_len, width, depth
         self.mlp_dim, self.causal, self.dtype, self.remat = mlp_dim, causal, dtype, remat
+        self.num_heads, self.scan = num_heads, scan
         self.embedding = TokenEmbedding(vocab_size, max_len, width, posemb=posemb, rngs=rngs,
                                         dtype=dtype)
-        self.blocks = nnx.List([Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
-                                for _ in range(depth)])
+        make = lambda rngs: Block(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)  # noqa
+        self.blocks = (ScannedBlocks(depth, make, rngs=rngs, remat=remat) if scan
+                       else nnx.List([make(rngs) for _ in range(depth)]))
         self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
 
     def attention_mask(self, tokens: jax.Array, prefix_len: jax.Array | None) -> jax.Array:
@@ -124,6 +127,8 @@ class TextTransformer(nnx.Module):
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :]
         x = self.embedding(tokens)
+        if self.scan:
+            return self.norm(self.blocks(x, mask))
         for block in self.blocks:
             x = call_block(block, x, mask, remat=self.remat)
         return self.norm(x)
@@ -185,16 +190,20 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int,
                  num_heads: int, mlp_dim: int, posemb: str = "learn", dtype=jnp.float32,
-                 rngs: nnx.Rngs, decoder_depth: int | None = None, remat: str = "none"):
+                 rngs: nnx.Rngs, decoder_depth: int | None = None, remat: str = "none",
+                 scan: bool = False):
         self.vocab_size, self.max_len, self.width, self.depth = vocab_size, max_len, width, depth
-        self.mlp_dim, self.dtype, self.remat = mlp_dim, dtype, remat
+        self.mlp_dim, self.dtype, self.remat, self.scan = mlp_dim, dtype, remat, scan
+        self.num_heads = num_heads
         self.decoder_depth = depth if decoder_depth is None else decoder_depth
         self.encoder = TextTransformer(vocab_size=vocab_size, max_len=max_len, width=width,
                                        depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                       posemb=posemb, dtype=dtype, rngs=rngs, remat=remat)
-        self.decoder_blocks = nnx.List([
-            DecoderBlock(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)
-            for _ in range(self.decoder_depth)])
+                                       posemb=posemb, dtype=dtype, rngs=rngs, remat=remat,
+                                       scan=scan)
+        make = lambda rngs: DecoderBlock(width, num_heads, mlp_dim, rngs=rngs, dtype=dtype)  # noqa
+        self.decoder_blocks = (
+            ScannedBlocks(self.decoder_depth, make, rngs=rngs, remat=remat) if scan
+            else nnx.List([make(rngs) for _ in range(self.decoder_depth)]))
         self.decoder_norm = layer_norm(width, rngs=rngs, dtype=dtype)
 
     @property
@@ -211,6 +220,8 @@ class EncoderDecoder(nnx.Module):
             length, dtype=bool)[None, None]   # a pad query still sees itself: no empty rows
         cross_mask = key_padding_mask(inputs)
         x = self.embedding(decoder_inputs)
+        if self.scan:
+            return self.decoder_norm(self.decoder_blocks(x, self_mask, memory, cross_mask))
         for block in self.decoder_blocks:
             x = call_block(block, x, self_mask, memory, cross_mask, remat=self.remat)
         return self.decoder_norm(x)

@@ -30,7 +30,7 @@ class ViT(nnx.Module):
     def __init__(self, *, grid: tuple[int, int], patch_dim: int, width: int, depth: int,
                  num_heads: int, mlp_dim: int, posemb: str = "sincos2d",
                  cls_token: bool = True, dtype=jnp.float32, rngs: nnx.Rngs,
-                 remat: str = "none"):
+                 remat: str = "none", scan: bool = False):
         if posemb not in POSEMB_KINDS:
             raise ValueError(f"model.posemb: unknown {posemb!r}; allowed: {POSEMB_KINDS}")
         if posemb == "sincos2d" and width % 4:
@@ -53,7 +53,7 @@ class ViT(nnx.Module):
             self.cls = param(rngs, nnx.initializers.normal(0.02), (1, 1, width),
                              (None, None, "embed"))
         self.encoder = TransformerStack(width, depth, num_heads, mlp_dim, rngs=rngs, dtype=dtype,
-                                        remat=remat)
+                                        remat=remat, scan=scan)
 
     def position_embeddings(self, grid: tuple[int, int] | None = None) -> jax.Array | None:
         """[grid_h * grid_w, width] or None when the encoder has no position embeddings.
