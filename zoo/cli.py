@@ -13,6 +13,10 @@ import sys
 
 
 def _pretrain(args) -> None:
+    # First, before anything initialises the JAX backend: join a multi-process run if the
+    # flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID describe one.
+    from zoo import distributed
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     from zoo import config as config_lib
     from zoo.train import train
     config = config_lib.load(args.config, args.set or ())
@@ -85,6 +89,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step")
+    g = p.add_argument_group(
+        "multi-process runs", "one process per host, all with the same flags but --process-id; "
+        "each defaults to its JAX_* variable (Slurm and Open MPI launches are detected)")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                   help="process 0's address and a free port (default: "
+                        "$JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", metavar="N", type=int, default=None,
+                   help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", metavar="I", type=int, default=None,
+                   help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("probe", help="linear probe and k-NN of a run's encoder")
