@@ -401,10 +401,7 @@ def test_global_batch_keeps_each_process_rows_in_place(layouts, name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="zoo.train.global_batch puts process-local rows where "
-                   "the mesh's devices happen to be: with fsdp before data, a 2-process global "
-                   "batch is [0,1,8,9,2,3,...] (a 1-process run sees 0..15), so 2-process "
-                   "losses differ by ~1e-2. Issue 6's report has a patch for zoo/train.py "
-                   "(refuse such meshes); remove this marker once it is applied")
 def test_global_batch_with_a_process_interleaving_mesh(layouts):
+    """With fsdp before data a 2-process global batch would be rows [0,1,8,9,2,3,...] (a
+    1-process run sees 0..15); zoo refuses such a mesh with a one-line error instead."""
     _rows_in_order_or_refused(layouts["fsdp_data"])

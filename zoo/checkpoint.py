@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -91,6 +92,18 @@ class Checkpointer:
         return f"checkpoint: cannot write step {step} to {self.directory}: {reason}; {kept}"
 
     def _check_writable(self, step: int, state: Any) -> None:
+        """Every process checks its own disk; all of them refuse together if any must (a
+        process that went on into orbax's save alone would wait there for the others)."""
+        reason = self._local_problem(state)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            failed = multihost_utils.process_allgather(np.array([reason is not None]))
+            if reason is None and np.asarray(failed).any():
+                reason = "another process cannot write its part"
+        if reason is not None:
+            raise CheckpointWriteError(self._failure(step, reason))
+
+    def _local_problem(self, state: Any) -> str | None:
         probe = os.path.join(self.directory, f".write_probe_{uuid.uuid4().hex}")
         try:
             os.makedirs(self.directory, exist_ok=True)
@@ -98,14 +111,13 @@ class Checkpointer:
                 f.write(b"0")
             os.remove(probe)
         except OSError as error:
-            raise CheckpointWriteError(self._failure(step, error.strerror or str(error))) \
-                from None
+            return error.strerror or str(error)
         needed = local_state_bytes(state) + _SAVE_MARGIN_BYTES
         free = shutil.disk_usage(self.directory).free
         if free < needed:
-            raise CheckpointWriteError(self._failure(
-                step, f"{free / 2**20:.1f} MiB free, the checkpoint needs about "
-                      f"{needed / 2**20:.1f} MiB"))
+            return (f"{free / 2**20:.1f} MiB free, the checkpoint needs about "
+                    f"{needed / 2**20:.1f} MiB")
+        return None
 
     def _remove_partial(self, step: int) -> None:
         """Deletes this save's half-written ``<step>.orbax-checkpoint-tmp*`` dirs (never a

@@ -14,6 +14,7 @@ The state is donated; parameters are created already sharded (``eval_shape`` -> 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -543,6 +544,24 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=Non
                    out_shardings=(experiment.state_shardings, None))
 
 
+@functools.lru_cache(maxsize=64)
+def _check_process_rows(sharding: NamedSharding, shape: tuple, rows: int) -> None:
+    """Refuses a mesh that puts batch rows other than this process's own [p*rows, (p+1)*rows)
+    (what its iterator read) on its devices. ``make_array_from_process_local_data`` would place
+    the rows wherever the devices are: with ``fsdp`` before ``data`` across 2 processes the
+    global batch becomes rows 0,1,8,9,2,3,... instead of 0..15, and training silently differs
+    from a 1-process run of the same config."""
+    first = jax.process_index() * rows
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        start, stop, _ = index[0].indices(shape[0])
+        if start < first or stop > first + rows:
+            raise ValueError(
+                f"mesh: {dict(sharding.mesh.shape)} gives a device of process "
+                f"{jax.process_index()} batch rows {start}:{stop}, but this process reads rows "
+                f"{first}:{first + rows}; order the mesh axes so that each process's devices "
+                f"hold one contiguous block of the batch (e.g. 'data' before 'fsdp')")
+
+
 def global_batch(experiment: Experiment, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Process-local numpy rows -> global arrays sharded over the data-parallel axes."""
     out = {}
@@ -552,6 +571,7 @@ def global_batch(experiment: Experiment, local: dict[str, np.ndarray]) -> dict[s
             continue
         sharding = batch_sharding(experiment.mesh, value.ndim, experiment.config.rules)
         shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        _check_process_rows(sharding, shape, value.shape[0])
         out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
 
@@ -657,9 +677,10 @@ def peak_flops(config: config_lib.Config, mesh: jax.sharding.Mesh) -> float:
     """The MFU denominator: from the config, else a matmul measured on this machine."""
     if config.peak_flops:
         return float(config.peak_flops)
-    per_device = measure_matmul_peak()
+    device = jax.local_devices()[0]   # jax.devices()[0] is not addressable on process > 0
+    per_device = measure_matmul_peak(device=device)
     # Simulated CPU devices share the same cores, so the host's peak is one device's.
-    return per_device if jax.devices()[0].platform == "cpu" else per_device * mesh.size
+    return per_device if device.platform == "cpu" else per_device * mesh.size
 
 
 def _write_json_atomically(path: str, value) -> None:
