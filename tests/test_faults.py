@@ -60,6 +60,7 @@ def test_watcher_turns_sigterm_into_a_flag_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_requested_stop_checkpoints_that_step_and_resume_finishes(data_dir, tmp_path,
                                                                  monkeypatch):
     """In process: a stop requested during step 3 ends the run after step 3 with a checkpoint

@@ -29,8 +29,8 @@ def _loss_and_grads(config_path, *settings):
     return float(loss), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("config_path", [MAE, pytest.param(T5, marks=pytest.mark.slow)],
-                         ids=["vit", "encdec"])
+@pytest.mark.slow
+@pytest.mark.parametrize("config_path", [MAE, T5], ids=["vit", "encdec"])
 def test_remat_policies_give_the_same_loss_and_gradients(data_dir, config_path):
     plain_loss, plain_grads = _loss_and_grads(config_path)
     for policy in ("full", "dots"):
@@ -61,6 +61,7 @@ def _three_steps(*settings, batches=None):
     return metrics, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_plain_step(data_dir):
     """Same corruption (drawn once for the global batch), mean of the micro-batch losses and
     gradients = the plain step's: losses and gradient norms agree to float error, and after
@@ -199,6 +200,7 @@ def _scan_matches_plain(config_path, *settings):
     assert set(blocks) == {"layers"}
 
 
+@pytest.mark.slow
 def test_scan_over_layers_gives_the_plain_loss_and_gradients_vit(data_dir):
     _scan_matches_plain(MAE)
 
