@@ -72,9 +72,9 @@ def test_requested_stop_checkpoints_that_step_and_resume_finishes(data_dir, tmp_
     calls = {"n": 0}
     real = zoo.preemption.PreemptionWatcher.stop_requested
 
-    def stop_after_three(self):
+    def stop_after_three(self, step=None):
         calls["n"] += 1
-        return calls["n"] >= 3 or real(self)
+        return calls["n"] >= 3 or real(self, step)
 
     monkeypatch.setattr(zoo.preemption.PreemptionWatcher, "stop_requested", stop_after_three)
     first = zoo.train.train(config, str(tmp_path / "cut"))

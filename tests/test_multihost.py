@@ -405,3 +405,28 @@ def test_global_batch_with_a_process_interleaving_mesh(layouts):
     """With fsdp before data a 2-process global batch would be rows [0,1,8,9,2,3,...] (a
     1-process run sees 0..15); zoo refuses such a mesh with a one-line error instead."""
     _rows_in_order_or_refused(layouts["fsdp_data"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
+    """Preemption notice to process 1 only: JAX's sync manager makes both processes stop after
+    the same step, write that step's checkpoint together and exit 0."""
+    from zoo.train import completed_checkpoint_steps
+    logs, workdir = tmp_path / "logs", tmp_path / "run"
+    logs.mkdir()
+    args = [_WRAPPER, "pretrain", "--config", CONFIG, "--workdir", str(workdir),
+            "--set", "progress=False", "--set", "log_every=1", "--set", "steps=400",
+            "--set", "checkpoint_every=1000", "--set", f"mesh={MESH}",
+            "--set", "peak_flops=1e12"]
+    run = _Run("sigterm", args, 2, data_dir, str(tmp_path / "cache"), logs, workdir=workdir)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and not (workdir / "metrics.jsonl").exists():
+        assert all(p.poll() is None for p in run.procs), run.tails()
+        time.sleep(0.2)
+    import signal
+    run.procs[1].send_signal(signal.SIGTERM)
+    _wait(run)
+    steps = completed_checkpoint_steps(str(workdir))
+    assert len(steps) == 1 and 1 <= steps[0] < 400, (steps, run.tails())
+    assert '"preempted": true' in run.output(0), run.tails()
+    assert max(r["step"] for r in read_metrics(str(workdir))) == steps[0]

@@ -758,7 +758,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
                 else:
                     timer_steps += 1
                 # Every process agrees on the step to stop after (a SIGTERM to any of them).
-                preempted = done < end and watcher.stop_requested()
+                preempted = done < end and watcher.stop_requested(done)
                 is_last = done == end or preempted
                 if done % config.log_every == 0 or is_last:
                     last_metrics = _log(pending, state, done, timer_start, timer_steps,
