@@ -236,3 +236,27 @@ def test_real_full_and_read_only_filesystems_give_one_line_errors(data_dir, tmp_
         assert step == 2
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_checkpoint_without_the_optional_state_fields_restores(data_dir, tmp_path):
+    """Checkpoints written before ``spike_stats`` existed stored the train state's fields
+    without it; they must restore into today's state (here: written by hand the old way)."""
+    import orbax.checkpoint as ocp
+    import zoo.checkpoint
+    config = _tiny_config()
+    experiment = zoo.train.build(config)
+    state = zoo.train.init_state(experiment)
+    old_fields = {k: v for k, v in state._asdict().items() if k != "spike_stats"}
+    directory = tmp_path / "run" / "checkpoints"
+    manager = ocp.CheckpointManager(str(directory))
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(old_fields),
+                                            data=ocp.args.JsonSave({"step": 2})))
+    manager.wait_until_finished()
+    manager.close()
+    checkpointer = zoo.checkpoint.Checkpointer(str(directory))
+    restored, data = checkpointer.restore(2, experiment.abstract_state)
+    checkpointer.close()
+    assert isinstance(restored, zoo.train.TrainState) and restored.spike_stats is None
+    assert data == {"step": 2}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.device_get(state.params))

@@ -48,6 +48,15 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
+def _stored_fields(state: Any) -> Any:
+    """A NamedTuple train state as the dict of its non-None fields: optional parts (e.g. the
+    spike window when skipping is off) leave no trace, so a checkpoint written before such a
+    field existed restores unchanged, and one written without it restores into the new code."""
+    if hasattr(state, "_fields"):
+        return {k: v for k, v in state._asdict().items() if v is not None}
+    return state
+
+
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
 
@@ -77,8 +86,8 @@ class Checkpointer:
         self._check_writable(step, state)
         try:
             self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-                force=True)
+                state=ocp.args.StandardSave(_stored_fields(state)),
+                data=ocp.args.JsonSave(data_state)), force=True)
             self.manager.wait_until_finished()
         except Exception as error:   # tensorstore reports ENOSPC as ValueError(RESOURCE_...)
             self._remove_partial(step)
@@ -130,8 +139,12 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores onto ``abstract_state``'s shapes and shardings (ShapeDtypeStructs)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"]
+            state=ocp.args.StandardRestore(_stored_fields(abstract_state)),
+            data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        if hasattr(abstract_state, "_fields"):      # back to the NamedTuple (None fields kept)
+            state = type(abstract_state)(**{**abstract_state._asdict(), **state})
+        return state, restored["data"]
 
     def close(self) -> None:
         self.manager.close()
