@@ -2,6 +2,7 @@
 over alternating rounds, ratios and target verdicts from fake runners; the peer venv's marker
 (reinstall on other pins); child-process measurement; the peers never in the runtime deps."""
 import json
+import os
 import re
 import sys
 import tomllib
@@ -26,7 +27,8 @@ def _fake_runners(ours_times, peer_times, log):
 
     def run_peer(name):
         log.append(("peer", name))
-        return {"step_seconds": next(peer_iter), "peak_host_memory_mib": 3000.0 - len(log)}
+        return {"step_seconds": next(peer_iter), "peak_host_memory_mib": 3000.0 - len(log),
+                "others_cpu_cores": 0.1 * len(log)}
     return run_ours, run_peer
 
 
@@ -72,6 +74,12 @@ def test_medians_ratio_and_verdicts_from_fake_runners(tmp_path):
     mlm_line = next(line for line in table.splitlines() if line.startswith("mlm"))
     assert re.search(r"1\.000\s+1\.250\s+0\.80x\s+<= 0\.85x\s+yes\s+50\.0%", mae_line), mae_line
     assert re.search(r"9\.000\s+11\.000\s+0\.82x\s+<= 0\.75x\s+NO", mlm_line), mlm_line
+    assert "0.72-4.17x" in mae_line and "0.80-0.83x" in mlm_line
+    # Contention: the median of the peer's others_cpu_cores (0.2, 0.3, 0.6 for mae; ours has
+    # none), shown and warned about above 0.25 cores.
+    assert mae["others_cpu_cores"] == pytest.approx(0.3)
+    assert mae_line.endswith("0.30 cores") and mlm_line.endswith("0.90 cores")
+    assert any(p.startswith("note: other processes kept a median 0.90 of") for p in printed)
     saved = json.loads(out.read_text())
     assert saved["benchmarks"]["mlm"]["met"] is False
     assert saved["benchmarks"]["mae"]["ratio"] == pytest.approx(0.8)
@@ -82,7 +90,8 @@ def test_ratio_exactly_at_target_is_met_and_missing_figures_show_na():
     assert row["ratio"] == pytest.approx(0.85) and row["met"] is True
     assert row["ours_mfu"] is None and row["peer_peak_host_memory_mib"] is None
     line = peers.format_table([row]).splitlines()[-1]
-    assert line.split()[-3:] == ["n/a", "n/a", "n/a"]   # matmul peak and both memories
+    # matmul peak and both memories; one round: its ratio is the whole range
+    assert line.split()[-5:] == ["n/a", "n/a", "n/a", "0.85-0.85x", "n/a"]
     row = peers.summarize("mae", [{"step_seconds": 0.86}], [{"step_seconds": 1.0}])
     assert row["met"] is False
 
@@ -167,6 +176,9 @@ def test_run_measured_reads_the_json_line_and_the_childs_peak_memory():
     r = peers.run_measured([sys.executable, "-c", code])
     assert r["step_seconds"] == 0.5 and r["wall_seconds"] > 0
     assert 200 <= r["peak_rss_mib"] < 2000
+    assert r["child_cpu_seconds"] > 0
+    if sys.platform.startswith("linux"):
+        assert 0 <= r["others_cpu_cores"] <= (os.cpu_count() or 1)
 
 
 def test_run_measured_reports_a_failing_child():
@@ -221,3 +233,19 @@ def test_importing_peers_loads_neither_jax_nor_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=ROOT)
     assert done.stdout.strip() == "[]"
+
+
+def test_zoo_bench_vs_peers_calls_bench_vs_peers(monkeypatch):
+    """Active once zoo/cli.py wires `zoo bench --vs-peers` (see zoo.peers' docstring)."""
+    from zoo import cli
+    try:
+        cli.make_parser().parse_args(["bench", "mae", "--vs-peers"])
+    except SystemExit:
+        pytest.skip("zoo bench --vs-peers is not wired into zoo/cli.py yet")
+    calls = []
+    monkeypatch.setattr(peers, "bench_vs_peers", lambda which, **kw: calls.append((which, kw)))
+    assert cli.main(["bench", "--vs-peers", "--rounds", "2"]) == 0
+    assert calls[-1][0] == ("mae", "mlm") and calls[-1][1]["rounds"] == 2
+    assert cli.main(["bench", "mlm", "--vs-peers"]) == 0
+    assert calls[-1][0] == ("mlm",)
+    assert cli.main(["bench", "ul2", "--vs-peers"]) == 2   # no peer for it

@@ -131,11 +131,26 @@ def peer_versions(python: str | os.PathLike) -> dict:
 # Child processes: one timing each, peak memory from wait4.
 # ---------------------------------------------------------------------------------------------
 
+def cpu_busy_seconds() -> float | None:
+    """Busy CPU time of the whole machine so far, all cores and processes (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is inside user and nice)
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def run_measured(cmd: Sequence[str], *, env: dict | None = None, timeout: float = 3600,
                  echo: Callable[[str], None] | None = None) -> dict:
     """Runs ``cmd``; returns its last stdout line parsed as JSON plus ``wall_seconds`` and
-    ``peak_rss_mib`` (the child's peak resident memory, from ``wait4``)."""
+    ``peak_rss_mib`` (the child's peak resident memory, from ``wait4``) and
+    ``others_cpu_cores``: the cores the rest of the machine kept busy meanwhile (machine-wide
+    busy CPU time less the child's own, over the wall time), which says how contended it was."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        busy_before = cpu_busy_seconds()
         start = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=str(ROOT))
         while True:
@@ -149,6 +164,7 @@ def run_measured(cmd: Sequence[str], *, env: dict | None = None, timeout: float 
             time.sleep(0.2)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
+        busy_after = cpu_busy_seconds()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -164,6 +180,10 @@ def run_measured(cmd: Sequence[str], *, env: dict | None = None, timeout: float 
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024
     result["peak_rss_mib"] = usage.ru_maxrss / scale
+    result["child_cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    result["others_cpu_cores"] = (
+        None if busy_before is None or busy_after is None
+        else max(0.0, (busy_after - busy_before - result["child_cpu_seconds"]) / wall))
     if echo:
         echo(f"    {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}: "
              f"{wall:.0f} s wall")
@@ -232,6 +252,9 @@ def summarize(name: str, ours: Sequence[dict], peer: Sequence[dict],
         mfus = [float(r["mfu"]) for r in ours if r.get("mfu") is not None]
         mfu = statistics.median(mfus) if mfus else None
 
+    others = [float(r["others_cpu_cores"]) for r in (*ours, *peer)
+              if r.get("others_cpu_cores") is not None]
+
     def peak_mem(runs):
         values = [float(r["peak_host_memory_mib"]) for r in runs
                   if r.get("peak_host_memory_mib") is not None]
@@ -249,12 +272,14 @@ def summarize(name: str, ours: Sequence[dict], peer: Sequence[dict],
         "model_gflops_per_step": statistics.median(gflops) if gflops else None,
         "ours_peak_host_memory_mib": peak_mem(ours),
         "peer_peak_host_memory_mib": peak_mem(peer),
+        "others_cpu_cores": statistics.median(others) if others else None,
     }
 
 
 def format_table(rows: Iterable[dict]) -> str:
     header = ("benchmark", "ours s/step", "peer s/step", "ours/peer", "target", "met",
-              "our MFU", "matmul peak", "ours peak MiB", "peer peak MiB")
+              "our MFU", "matmul peak", "ours peak MiB", "peer peak MiB", "round ratios",
+              "others' CPU")
     table = [header]
     fmt = lambda v, f: "n/a" if v is None else f.format(v)   # noqa: E731
     for r in rows:
@@ -265,7 +290,10 @@ def format_table(rows: Iterable[dict]) -> str:
             fmt(None if r["ours_mfu"] is None else 100 * r["ours_mfu"], "{:.1f}%"),
             fmt(r["matmul_peak_gflops_per_second"], "{:.1f} GFLOP/s"),
             fmt(r["ours_peak_host_memory_mib"], "{:.0f}"),
-            fmt(r["peer_peak_host_memory_mib"], "{:.0f}")))
+            fmt(r["peer_peak_host_memory_mib"], "{:.0f}"),
+            f"{min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}x"
+            if r.get("round_ratios") else "n/a",
+            fmt(r.get("others_cpu_cores"), "{:.2f} cores")))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))) for row in table]
@@ -282,8 +310,9 @@ def run_alternating(name: str, rounds: int, run_ours: Callable[[str], dict],
             r = (run_ours if side == "ours" else run_peer)(name)
             r = {**r, "round": i, "load_average_before": load}
             (ours if side == "ours" else peer).append(r)
+            others = r.get("others_cpu_cores")
             print_fn(f"  {name} round {i + 1}/{rounds} {side:>4}: {r['step_seconds']:.3f} s/step"
-                     + ("" if load is None else f"  (load avg before {load:.1f})"))
+                     + ("" if others is None else f"  (others kept {others:.2f} cores busy)"))
     return ours, peer
 
 
@@ -321,6 +350,11 @@ def bench_vs_peers(which: Sequence[str] = ("mae", "mlm"), rounds: int = 3, *,
     table = format_table(rows)
     result["table"] = table
     print_fn(table)
+    busy = [r["others_cpu_cores"] for r in rows if (r.get("others_cpu_cores") or 0) > 0.25]
+    if busy:
+        print_fn(f"note: other processes kept a median {max(busy):.2f} of {os.cpu_count()} cores "
+                 "busy during the rounds: these figures are under contention (multi-threaded "
+                 "peers, torch's OpenMP in particular, can slow down far more than ours).")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
