@@ -236,12 +236,7 @@ def test_importing_peers_loads_neither_jax_nor_torch():
 
 
 def test_zoo_bench_vs_peers_calls_bench_vs_peers(monkeypatch):
-    """Active once zoo/cli.py wires `zoo bench --vs-peers` (see zoo.peers' docstring)."""
     from zoo import cli
-    try:
-        cli.make_parser().parse_args(["bench", "mae", "--vs-peers"])
-    except SystemExit:
-        pytest.skip("zoo bench --vs-peers is not wired into zoo/cli.py yet")
     calls = []
     monkeypatch.setattr(peers, "bench_vs_peers", lambda which, **kw: calls.append((which, kw)))
     assert cli.main(["bench", "--vs-peers", "--rounds", "2"]) == 0

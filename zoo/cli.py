@@ -65,6 +65,16 @@ def _peak(args) -> None:
 
 
 def _bench(args) -> None:
+    if args.vs_peers:
+        from zoo.peers import BENCHMARKS, bench_vs_peers
+        if args.what is not None and args.what not in BENCHMARKS:
+            raise ValueError(f"--vs-peers: no peer for {args.what!r} (choose from "
+                             f"{', '.join(BENCHMARKS)})")
+        bench_vs_peers((args.what,) if args.what else tuple(BENCHMARKS), rounds=args.rounds,
+                       steps=args.steps or 5, venv=args.peers_venv, out=args.out)
+        return
+    if args.what is None:
+        raise ValueError("name what to time (mae or a text objective), or pass --vs-peers")
     from zoo.bench import bench_mae, bench_text
     if args.what == "mae":
         bench_mae(size=args.size or "S", image_size=args.image_size,
@@ -121,8 +131,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_peak)
 
     p = sub.add_parser("bench", help="time a train step: step time, images|tokens/s, MFU")
-    p.add_argument("what", choices=("mae",) + BENCH_TEXT,
-                   help="mae: ViT-S/16 MAE; a text objective: BERT-base-sized backbone")
+    p.add_argument("what", nargs="?", choices=("mae",) + BENCH_TEXT,
+                   help="mae: ViT-S/16 MAE; a text objective: BERT-base-sized backbone "
+                        "(with --vs-peers: mae or mlm, default both)")
     p.add_argument("--size", default=None, help="backbone size (default: S for mae, B text)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=None, help="default 16")
@@ -131,6 +142,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps (mae 5, text 3)")
     p.add_argument("--no-precorrupted", dest="vs_precorrupted", action="store_false",
                    help="text: skip timing the same step fed pre-corrupted batches")
+    g = p.add_argument_group("against the peers", "our step and a widely used implementation's "
+                             "(PyTorch HF ViTMAE; HF Flax BERT MLM), alternating, same machine")
+    g.add_argument("--vs-peers", action="store_true",
+                   help="print medians, ours/peer ratios vs the targets, MFU, peak memory")
+    g.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    g.add_argument("--peers-venv", default=".peers-venv",
+                   help="the peers' own virtual environment, created on first use")
+    g.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=_bench)
     return parser
 
