@@ -50,10 +50,6 @@ class PreemptionWatcher:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def request(self) -> None:
-        """Asks for a stop as SIGTERM would (tests, notebooks)."""
-        self._flag = True
-
     def stop_requested(self, step: int | None = None) -> bool:
         """True on every process at the same step once any process got the signal. ``step``
         (the number of steps done) is required with several processes: every process must

@@ -430,9 +430,7 @@ def make_loss_and_grad(experiment: Experiment):
 def check_accumulation(objective, accum: int, batch_size: int, parallel: int) -> None:
     """Gradient accumulation averages per-micro-batch gradients: exact only for losses that are
     means over independent examples, so objectives that couple examples are refused."""
-    coupled = objective.modality == "mixture" or objective.stateful or not getattr(
-        objective, "per_example_loss", True)
-    if coupled:
+    if objective.stateful or not objective.per_example_loss:   # mixtures are stateful
         raise ValueError(f"optim.grad_accum_steps: {objective.name!r} couples the examples of a "
                          "batch (in-batch negatives, batch statistics, a teacher or a mixture), "
                          "so micro-batches would change the loss; allowed: 1")
@@ -478,18 +476,17 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=Non
             return grad_fn(state.params, state.objective_state, state.step, batch, rng)
         micro = _micro_batches(batch if prepared else objective.prepare(batch, rng), accum)
 
-        def one(carry, micro_batch):
+        def micro_step(micro_batch):
             (loss, (metrics, _)), grads = grad_fn(state.params, state.objective_state,
                                                   state.step, micro_batch, rng)
-            return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+            return loss, metrics, grads
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda b: grad_fn(state.params, state.objective_state,
-                                                  state.step, b, rng), first)
-        (_, (metric_shapes, _)), grad_shapes = shapes
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                             (shapes[0][0], metric_shapes, grad_shapes))
-        (loss, metrics, grads), _ = jax.lax.scan(one, zeros, micro)
+        def add(carry, micro_batch):
+            return jax.tree.map(jnp.add, carry, micro_step(micro_batch)), None
+
+        shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (loss, metrics, grads), _ = jax.lax.scan(add, zeros, micro)
         loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
         return (loss, (metrics, None)), grads
 
