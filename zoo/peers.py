@@ -10,8 +10,8 @@ Two benchmarks, each ours vs a peer script (``experiments/peers/``, copies of th
 
 Both sides run as child processes, alternating (ours first in even rounds, the peer first in odd
 ones, so a drift in machine load hits both alike), and are measured the same way: each prints
-the median of its timed steps, and the parent reads each child's peak resident memory from
-``wait4``. Our side also reports MFU against the matmul peak it measures in the same process.
+the median of its timed steps, and a small measuring parent reports each child's own peak resident
+memory (``getrusage`` of its children). Our side also reports MFU against the matmul peak it measures in the same process.
 
 The peer's packages (torch, transformers, an older flax) live in a virtual environment of their
 own (``.peers-venv/`` by default), created here, never in the project's dependencies. This module
@@ -128,7 +128,7 @@ def peer_versions(python: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Child processes: one timing each, peak memory from wait4.
+# Child processes: one timing each, peak memory from a measuring parent.
 # ---------------------------------------------------------------------------------------------
 
 def cpu_busy_seconds() -> float | None:
@@ -143,32 +143,45 @@ def cpu_busy_seconds() -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+# Runs the measured command and reports ITS rusage. Measuring through this small intermediate
+# matters: Linux carries a process's peak RSS across fork and exec, so a child forked straight
+# from a big parent (a pytest session, a JAX process) would report the parent's peak as its own.
+_MEASURE = """\
+import json, resource, subprocess, sys
+report, cmd = sys.argv[1], sys.argv[2:]
+code = subprocess.call(cmd)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(report, "w") as f:
+    json.dump({"maxrss": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}, f)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(cmd: Sequence[str], *, env: dict | None = None, timeout: float = 3600,
                  echo: Callable[[str], None] | None = None) -> dict:
     """Runs ``cmd``; returns its last stdout line parsed as JSON plus ``wall_seconds`` and
-    ``peak_rss_mib`` (the child's peak resident memory, from ``wait4``) and
+    ``peak_rss_mib`` (the child's own peak resident memory, from a small measuring parent) and
     ``others_cpu_cores``: the cores the rest of the machine kept busy meanwhile (machine-wide
     busy CPU time less the child's own, over the wall time), which says how contended it was."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        busy_before = cpu_busy_seconds()
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=str(ROOT))
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - start > timeout:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        busy_after = cpu_busy_seconds()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
+    with tempfile.TemporaryDirectory() as tmp:
+        report, out_path, err_path = (Path(tmp) / n for n in ("rusage.json", "out", "err"))
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            busy_before = cpu_busy_seconds()
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(report), *cmd],
+                                    stdout=out, stderr=err, env=env, cwd=str(ROOT),
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            finally:
+                if proc.poll() is None:  # timed out or interrupted: stop the whole group
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+            wall = time.perf_counter() - start
+            busy_after = cpu_busy_seconds()
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        usage = json.loads(report.read_text()) if report.exists() else None
+    if proc.returncode != 0 or usage is None:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} after {wall:.0f} s:\n"
                            f"{stderr[-4000:]}")
     lines = [line for line in stdout.splitlines() if line.strip().startswith("{")]
@@ -179,8 +192,8 @@ def run_measured(cmd: Sequence[str], *, env: dict | None = None, timeout: float 
     result["wall_seconds"] = wall
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    result["peak_rss_mib"] = usage.ru_maxrss / scale
-    result["child_cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    result["peak_rss_mib"] = usage["maxrss"] / scale
+    result["child_cpu_seconds"] = usage["cpu"]
     result["others_cpu_cores"] = (
         None if busy_before is None or busy_after is None
         else max(0.0, (busy_after - busy_before - result["child_cpu_seconds"]) / wall))
