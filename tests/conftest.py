@@ -15,7 +15,14 @@ jax.config.update("jax_debug_key_reuse", True)
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A session-wide dataset cache so bundled datasets are prepared once per test run."""
-    path = os.environ.get("ZOO_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("zoo_data"))
+    path = os.environ.get("ZOO_TEST_DATA_DIR")
+    if not path:
+        # Under pytest-xdist every worker has its own basetemp; their parent is shared, so the
+        # workers share one cache (zoo.data prepares atomically; concurrent preparers are fine).
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        path = str(root / "zoo_data")
+        os.makedirs(path, exist_ok=True)
     os.environ["ZOO_DATA_DIR"] = path
     return path
 

@@ -718,6 +718,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         batches.set_state(data_state)
         log.info("resumed from step %d in %s", latest, workdir)
     else:
+        log.info("new run (no checkpoint yet) in %s", workdir)
         state = init_state(experiment)
         if config.init_from:
             state = encoder_from(config.init_from, experiment, state)
