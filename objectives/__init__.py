@@ -43,6 +43,13 @@ def modality_of(name: str) -> str:
     return _OBJECTIVES[name].modality
 
 
+def defaults_of(name: str) -> dict:
+    """The default hyperparameters of objective ``name`` (field -> default)."""
+    modality_of(name)   # unknown names fail here
+    return {f.name: f.default for f in dataclasses.fields(_OBJECTIVES[name])
+            if f.default is not dataclasses.MISSING}
+
+
 def get(name: str, **hparams) -> Objective:
     """Returns the objective ``name`` with the given hyperparameters.
 

@@ -39,7 +39,8 @@ from zoo.flops import dense_flops
 from zoo.models.layers import dense, layer_norm, param
 from zoo.models.text import text_forward_flops
 
-from zoo.text import BYTE_OFFSET, MASK, PAD, VOCAB_SIZE, ByteTokenizer, is_special
+from zoo.text import (BYTE_OFFSET, MASK, NUM_SENTINELS, PAD, VOCAB_SIZE, ByteTokenizer,
+                      is_special)
 
 SELECTIONS = ("exact", "bernoulli")
 
@@ -173,10 +174,11 @@ def _mask_row(tokens, rng, *, max_predictions, mask_prob, random_prob, vocab_siz
     selected = _select_row(tokens, candidates, rng_select, max_predictions=max_predictions,
                            **select)
     # One uniform draw per position: [0, mask_prob) -> MASK, the next random_prob -> a random
-    # byte, the rest unchanged. Same distribution as BERT's two draws (< 0.8, then < 0.5).
+    # ordinary token (a byte, or a subword piece), the rest unchanged. Same distribution as
+    # BERT's two draws (< 0.8, then < 0.5).
     action = jax.random.uniform(rng_action, tokens.shape)
-    random_tokens = jax.random.randint(rng_random, tokens.shape, BYTE_OFFSET, BYTE_OFFSET + 256,
-                                       dtype=tokens.dtype)
+    random_tokens = jax.random.randint(rng_random, tokens.shape, BYTE_OFFSET,
+                                       vocab_size - NUM_SENTINELS, dtype=tokens.dtype)
     to_mask = selected & (action < mask_prob)
     to_random = selected & (action >= mask_prob) & (action < mask_prob + random_prob)
     inputs = jnp.where(to_mask, jnp.asarray(MASK, tokens.dtype),

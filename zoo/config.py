@@ -51,6 +51,7 @@ class DataConfig:
     split: str = "train"
     batch_size: int = 64          # global batch size
     seq_len: int = 128            # text only: tokens per packed row
+    tokenizer: str = "byte"       # text only: "byte", or "bpe:N" (N-piece BPE saved in workdir)
     seed: int = 0
     data_dir: str | None = None   # default: $ZOO_DATA_DIR or the user cache dir
 
@@ -125,6 +126,8 @@ def validate(config: Config) -> Config:
         raise ValueError(f"model.dtype: unknown {m.dtype!r}; allowed: {tuple(DTYPES)}")
     if config.data.seq_len <= 0:
         raise ValueError(f"data.seq_len: must be positive, got {config.data.seq_len}")
+    from zoo.text import subword
+    subword.parse(config.data.tokenizer)
     if m.remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat: unknown {m.remat!r}; allowed: {REMAT_POLICIES}")
     if o.grad_accum_steps <= 0:

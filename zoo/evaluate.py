@@ -58,10 +58,11 @@ def heldout(config, workdir: str | None = None, *, num_batches: int = 8) -> dict
         zoo.evaluate.heldout(zoo.config.load("experiments/text.py:tiny"), "/tmp/mlm")
         # {'heldout_loss': 2.1, 'heldout_accuracy': 0.47, ..., 'step': 200}
     """
-    from zoo.train import build, restore_or_init
+    from zoo.train import attach_tokenizer, build, restore_or_init
 
     experiment = build(config)
     state, step = restore_or_init(experiment, workdir, purpose="evaluate")
+    attach_tokenizer(experiment, workdir)
     return {**heldout_metrics(experiment, state.params, num_batches=num_batches,
                               objective_state=state.objective_state, step=int(step)),
             "step": int(step)}

@@ -91,7 +91,7 @@ def probe(config, workdir: str | None = None) -> dict[str, float]:
         # {'linear_probe': 0.93, 'knn': 0.95, 'step': 200}
     """
     import zoo.data
-    from zoo.train import build, dataset_spec, restore_or_init
+    from zoo.train import attach_tokenizer, build, dataset_spec, restore_or_init
 
     experiment = build(config)
     objective, data_spec = experiment.objective, experiment.data_spec
@@ -116,7 +116,9 @@ def probe(config, workdir: str | None = None) -> dict[str, float]:
     model = nnx.merge(experiment.graphdef, state.params)
     if objective.modality == "text":
         length = objective.model_lengths(config.data.seq_len)["encoder"]
-        train, test = (text_probe_split(dataset, split, length, spec, config.data.data_dir)
+        tokenizer = attach_tokenizer(experiment, workdir).tokenizer
+        train, test = (text_probe_split(dataset, split, length, spec, config.data.data_dir,
+                                        tokenizer=tokenizer)
                        for split in ("train", "test"))
         patch_size = None
     else:
@@ -135,12 +137,12 @@ def probe_dataset(config, modality: str) -> str:
     return {"image": "digits", "text": "pycode"}[modality]
 
 
-def text_probe_split(dataset: str, split: str, length: int, spec, data_dir):
+def text_probe_split(dataset: str, split: str, length: int, spec, data_dir, tokenizer=None):
     """Labelled token chunks of one split, without the catch-all "other" class."""
     import zoo.data
     tokens, labels = zoo.data.load_text_chunks(
         dataset, split, seq_len=length, data_dir=data_dir,
-        chunks_per_document=TEXT_CHUNKS_PER_DOCUMENT)
+        chunks_per_document=TEXT_CHUNKS_PER_DOCUMENT, tokenizer=tokenizer)
     names = tuple(spec.class_names or ())
     if "other" in names:
         keep = labels != names.index("other")

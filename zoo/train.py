@@ -41,6 +41,7 @@ from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_m
 from zoo.metric_writer import MetricWriter, read_metrics
 from zoo.optim import make_optimizer
 from zoo.preemption import PreemptionWatcher
+from zoo.text import subword
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Experiment:
     schedule: optax.Schedule
     forward_flops: float | None      # model FLOPs of one example's forward pass, if known
     init_fn: Any = None              # () -> TrainState, unsharded; see init_state
+    tokenizer: Any = None            # text: None = from config.data.tokenizer; see attach_tokenizer
 
     @property
     def step_flops(self) -> float | None:
@@ -82,6 +84,21 @@ class Experiment:
 # ---------------------------------------------------------------------------------------------
 # Building: validation, model, shardings.
 # ---------------------------------------------------------------------------------------------
+
+# Objective options that look at raw bytes (whitespace, newlines, random bytes): refused with a
+# subword tokenizer rather than silently meaning something else.
+BYTE_FEATURES = {"whole_word": False, "mask_whole_word": False, "permute_sentences": 0.0,
+                 "random_ratio": 0.0, "insert_ratio": 0.0}
+
+
+def _check_byte_features(name: str, hparams: dict, tokenizer: str) -> None:
+    defaults = objectives.defaults_of(name)
+    for field, off in BYTE_FEATURES.items():
+        if field in defaults and hparams.get(field, defaults[field]) != off:
+            raise ValueError(f"objective.{field}: {name!r} finds words, sentences or random "
+                             f"tokens by bytes, which data.tokenizer={tokenizer!r} does not "
+                             f"have; allowed with it: {off!r}")
+
 
 def make_objective(config: config_lib.Config, data_spec=None, *, name: str | None = None,
                    hparams: dict | None = None) -> objectives.Objective:
@@ -95,6 +112,12 @@ def make_objective(config: config_lib.Config, data_spec=None, *, name: str | Non
     hparams = dict(hparams or {})
     modality = objectives.modality_of(name)
     vocab_size = getattr(data_spec, "vocab_size", None) or zoo.text.VOCAB_SIZE
+    if config.data.tokenizer != "byte":
+        if modality != "text":
+            raise ValueError(f"data.tokenizer: {config.data.tokenizer!r} is for text objectives; "
+                             f"{name!r} ({modality}) reads bytes; allowed: 'byte'")
+        vocab_size = subword.vocab_size(config.data.tokenizer)
+        _check_byte_features(name, hparams, config.data.tokenizer)
     patch = ("patch_size", config.model.patch_size, "model.patch_size")
     vocab = ("vocab_size", vocab_size, "the tokenizer")
     injected = {"image": [patch], "text": [vocab],
@@ -596,19 +619,32 @@ def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: b
     config = experiment.config
     if experiment.objective.modality == "mixture":
         from zoo.mixture import MixtureBatches
-        return MixtureBatches({name: _batches_for(config, name, modality, split, shuffle)
+        return MixtureBatches({name: _batches_for(config, name, modality, split, shuffle,
+                                                  experiment.tokenizer)
                                for name, modality in experiment.objective.data_modalities()})
-    return _batches_for(config, config.data.name, experiment.objective.modality, split, shuffle)
+    return _batches_for(config, config.data.name, experiment.objective.modality, split, shuffle,
+                        experiment.tokenizer)
 
 
-def _batches_for(config, name, modality, split, shuffle):
+def attach_tokenizer(experiment: Experiment, workdir: str | None) -> Experiment:
+    """Sets ``experiment.tokenizer`` to the run's: the byte tokenizer, or with
+    ``data.tokenizer = "bpe:N"`` the BPE saved in ``workdir`` (trained and saved there first
+    if the workdir has none yet; see ``zoo.text.subword``)."""
+    if experiment.config.data.tokenizer != "byte":
+        experiment.tokenizer = subword.tokenizer_for(experiment.config.data, workdir)
+    return experiment
+
+
+def _batches_for(config, name, modality, split, shuffle, tokenizer=None):
     data, split = config.data, split or config.data.split
     data = dataclasses.replace(data, name=name)
     common = dict(global_batch_size=data.batch_size, seed=data.seed, shuffle=shuffle,
                   process_index=jax.process_index(), process_count=jax.process_count())
     if modality == "text":
         source = zoo.data.get_text_source(data.name, split, data_dir=data.data_dir)
-        return zoo.data.PackedBatchIterator(source, seq_len=data.seq_len, **common)
+        tokenizer = tokenizer or subword.tokenizer_for(data)   # no workdir: kept in memory
+        return zoo.data.PackedBatchIterator(source, seq_len=data.seq_len, tokenizer=tokenizer,
+                                            **common)
     if modality == "pairs":
         source = zoo.data.get_pair_source(data.name, split, seq_len=data.seq_len,
                                           data_dir=data.data_dir)
@@ -711,6 +747,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     except OSError as error:
         raise ValueError(f"workdir: cannot create {workdir!r}: {error.strerror}") from None
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+    attach_tokenizer(experiment, workdir)
     batches = make_batches(experiment)
     latest = checkpointer.latest_step()
     if latest is not None:
