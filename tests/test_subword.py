@@ -119,6 +119,7 @@ def test_the_workdir_keeps_its_tokenizer(data_dir, tmp_path, monkeypatch):
     assert path.read_text() == saved   # never overwritten
 
 
+@pytest.mark.slow   # three compilations of a new vocabulary's programs (~80 s)
 def test_a_bpe_run_trains_saves_resumes_and_probes_with_its_tokenizer(data_dir, tmp_path,
                                                                        monkeypatch):
     import zoo.probe
