@@ -1,4 +1,5 @@
-"""Text support: the byte-level tokenizer and its special ids."""
+"""Text support: the byte-level tokenizer and its special ids (``zoo.text.subword``: the optional
+BPE, ``data.tokenizer = "bpe:N"``)."""
 from zoo.text.tokenizer import (BOS, BYTE_OFFSET, EOS, MASK, MODE_TOKENS, NUM_SENTINELS, PAD,
                                 VOCAB_SIZE, ByteTokenizer, is_special, sentinel)
 
