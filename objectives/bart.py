@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from objectives.text_base import Seq2SeqObjective
-from zoo.text import BYTE_OFFSET, MASK, PAD, ByteTokenizer
+from zoo.text import BYTE_OFFSET, MASK, NUM_SENTINELS, PAD, ByteTokenizer
 
 NEWLINE = BYTE_OFFSET + ord("\n")   # default sentence boundary: the newline byte
 MAX_SPAN = 128                      # fairseq's span-length table covers 0..127
@@ -178,9 +178,11 @@ def _uniforms(rng: jax.Array, *sizes: int) -> list[jax.Array]:
     return jnp.split(u, np.cumsum(sizes)[:-1].tolist())
 
 
-def _to_byte(u: jax.Array) -> jax.Array:
-    """Uniform [0, 1) -> a uniformly random byte token."""
-    return BYTE_OFFSET + jnp.minimum(jnp.floor(u * 256), 255).astype(jnp.int32)
+def _random_token(u: jax.Array, num_random_tokens: int = 256) -> jax.Array:
+    """Uniform [0, 1) -> a uniformly random ordinary token: one of the ``num_random_tokens``
+    ids from ``BYTE_OFFSET`` on (the 256 bytes, or a subword tokenizer's pieces)."""
+    return BYTE_OFFSET + jnp.minimum(jnp.floor(u * num_random_tokens),
+                                     num_random_tokens - 1).astype(jnp.int32)
 
 
 def word_starts(tokens: jax.Array, length, *, mask_whole_word: bool) -> jax.Array:
@@ -312,7 +314,7 @@ def apply_span_mask(tokens: jax.Array, length, is_word_start: jax.Array, starts:
 
 
 def insert_tokens(tokens: jax.Array, length, rng: jax.Array, count, *, max_count: int,
-                  random_ratio: float = 0.0):
+                  random_ratio: float = 0.0, num_random_tokens: int = 256):
     """fairseq ``add_insertion_noise`` with a given count: ``count`` new tokens at random places.
 
     The new tokens take ``count`` of the ``length + count`` slots uniformly without replacement
@@ -330,14 +332,14 @@ def insert_tokens(tokens: jax.Array, length, rng: jax.Array, count, *, max_count
     u_pos, u_tok = _uniforms(rng, size, size)
     rank = _rank(jnp.where(valid, u_pos, 2.0))
     is_new = valid & (rank < count)
-    new = jnp.where(rank < ceil_ratio(count, random_ratio), _to_byte(u_tok), MASK)
+    new = jnp.where(rank < ceil_ratio(count, random_ratio), _random_token(u_tok, num_random_tokens), MASK)
     source = jnp.clip(jnp.cumsum(valid & ~is_new) - 1, 0, tokens.shape[0] - 1)
     out = jnp.where(is_new, new, tokens[source])
     return jnp.where(valid, out, PAD).astype(tokens.dtype), total
 
 
 def insertion_noise(tokens: jax.Array, length, rng: jax.Array, *, insert_ratio: float,
-                    random_ratio: float = 0.0):
+                    random_ratio: float = 0.0, num_random_tokens: int = 256):
     """fairseq ``add_insertion_noise``: insert ``ceil(length * insert_ratio)`` tokens.
 
     Returns:
@@ -345,13 +347,13 @@ def insertion_noise(tokens: jax.Array, length, rng: jax.Array, *, insert_ratio: 
     """
     return insert_tokens(tokens, length, rng, ceil_ratio(length, insert_ratio),
                          max_count=ceil_ratio(tokens.shape[0], insert_ratio),
-                         random_ratio=random_ratio)
+                         random_ratio=random_ratio, num_random_tokens=num_random_tokens)
 
 
 def whole_word_mask(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio: float,
                     poisson_lambda: float | None = 3.0, random_ratio: float = 0.0,
                     replace_length: int = 1, mask_whole_word: bool = False,
-                    max_mask_inserts: int | None = None):
+                    max_mask_inserts: int | None = None, num_random_tokens: int = 256):
     """fairseq ``add_whole_word_mask``: text infilling, token masking or token deletion.
 
     ``num_to_mask = ceil(W * mask_ratio)`` for the ``W`` words of the row; span lengths (in
@@ -377,14 +379,14 @@ def whole_word_mask(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio: fl
     shuffled = jnp.argsort(jnp.where(ws, u_start, 2.0))
     rank = jnp.clip(jnp.cumsum(lengths > 0) - 1, 0, size - 1)
     starts = shuffled[rank]
-    span_tokens = jnp.where(u_random < random_ratio, _to_byte(u_token), MASK)
+    span_tokens = jnp.where(u_random < random_ratio, _random_token(u_token, num_random_tokens), MASK)
     out, new_length = apply_span_mask(tokens, length, ws, starts, lengths,
                                       span_tokens.astype(tokens.dtype),
                                       replace_length=replace_length)
     if budget == 0:
         return out, new_length
     return insert_tokens(out, new_length, rng_insert, inserts, max_count=budget,
-                         random_ratio=random_ratio)
+                         random_ratio=random_ratio, num_random_tokens=num_random_tokens)
 
 
 def document_rotation(tokens: jax.Array, length, rng: jax.Array, *, rotate_ratio: float):
@@ -428,7 +430,7 @@ def bart_noise_example(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio:
                        permute_sentences: float = 1.0, insert_ratio: float = 0.0,
                        rotate_ratio: float = 0.0, replace_length: int = 1,
                        mask_whole_word: bool = False, boundary: int = NEWLINE,
-                       max_mask_inserts: int | None = None):
+                       max_mask_inserts: int | None = None, num_random_tokens: int = 256):
     """One row of :func:`bart_noise`: ``tokens [L]`` with ``length`` content tokens.
 
     ``rng`` is split in 4, one key per step in fairseq's order: sentence permutation, span
@@ -448,10 +450,12 @@ def bart_noise_example(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio:
                                          random_ratio=random_ratio,
                                          replace_length=replace_length,
                                          mask_whole_word=mask_whole_word,
-                                         max_mask_inserts=max_mask_inserts)
+                                         max_mask_inserts=max_mask_inserts,
+                                         num_random_tokens=num_random_tokens)
     if insert_ratio > 0:
         tokens, length = insertion_noise(tokens, length, rng_insert, insert_ratio=insert_ratio,
-                                         random_ratio=random_ratio)
+                                         random_ratio=random_ratio,
+                                         num_random_tokens=num_random_tokens)
     if rotate_ratio > 0:
         tokens = document_rotation(tokens, length, rng_rotate, rotate_ratio=rotate_ratio)
     return tokens, length
@@ -462,7 +466,7 @@ def bart_noise(tokens: jax.Array, rng: jax.Array, *, mask_ratio: float = 0.3,
                permute_sentences: float = 1.0, insert_ratio: float = 0.0,
                rotate_ratio: float = 0.0, replace_length: int = 1,
                mask_whole_word: bool = False, boundary: int = NEWLINE,
-               max_mask_inserts: int | None = None):
+               max_mask_inserts: int | None = None, num_random_tokens: int = 256):
     """BART's source corruption of a batch, on device, in fairseq's order.
 
     Sentence permutation, then span masking (text infilling / token masking / deletion), then
@@ -484,6 +488,9 @@ def bart_noise(tokens: jax.Array, rng: jax.Array, *, mask_ratio: float = 0.3,
       mask_whole_word: spans cover whole words (letter runs / single whitespace bytes).
       boundary: the token that ends a sentence (default the newline byte).
       max_mask_inserts: cap on zero-length spans per row (default: a 1e-12 tail bound).
+      num_random_tokens: random tokens are drawn uniformly from the ordinary ids
+        ``BYTE_OFFSET .. BYTE_OFFSET + num_random_tokens - 1`` (256 bytes; a subword
+        tokenizer's pieces: ``vocab_size - 107``), as fairseq draws over its dictionary.
 
     Returns:
       ``(inputs int32 [B, N], lengths int32 [B])``: corrupted rows, content first and PAD after,
@@ -494,7 +501,8 @@ def bart_noise(tokens: jax.Array, rng: jax.Array, *, mask_ratio: float = 0.3,
         bart_noise_example, mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
         random_ratio=random_ratio, permute_sentences=permute_sentences,
         insert_ratio=insert_ratio, rotate_ratio=rotate_ratio, replace_length=replace_length,
-        mask_whole_word=mask_whole_word, boundary=boundary, max_mask_inserts=max_mask_inserts)
+        mask_whole_word=mask_whole_word, boundary=boundary, max_mask_inserts=max_mask_inserts,
+        num_random_tokens=num_random_tokens)
     lengths = (tokens != PAD).sum(axis=1, dtype=jnp.int32)
     return jax.vmap(noise)(tokens, lengths, jax.random.split(rng, tokens.shape[0]))
 
@@ -526,7 +534,8 @@ class BART(Seq2SeqObjective):
         return dict(mask_ratio=self.mask_ratio, poisson_lambda=self.poisson_lambda,
                     random_ratio=self.random_ratio, permute_sentences=self.permute_sentences,
                     insert_ratio=self.insert_ratio, rotate_ratio=self.rotate_ratio,
-                    replace_length=self.replace_length, mask_whole_word=self.mask_whole_word)
+                    replace_length=self.replace_length, mask_whole_word=self.mask_whole_word,
+                    num_random_tokens=self.vocab_size - BYTE_OFFSET - NUM_SENTINELS)
 
     def validate(self, *, seq_len: int) -> None:
         for field in ("mask_ratio", "random_ratio", "permute_sentences", "insert_ratio",

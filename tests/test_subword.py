@@ -80,16 +80,31 @@ def test_mlm_random_tokens_cover_the_pieces_not_only_bytes():
     assert (randoms >= BYTE_OFFSET + 256).mean() > 0.5   # most of the 1000 pieces are not bytes
 
 
+def test_bart_random_tokens_cover_the_pieces():
+    from objectives.bart import bart_noise
+    vocab = subword.vocab_size("bpe:1000")
+    tokens = np.full((8, 128), BYTE_OFFSET + 900, np.int32)
+    noised, lengths = bart_noise(tokens, jax.random.key(1), mask_ratio=0.5, random_ratio=1.0,
+                                 permute_sentences=0.0, insert_ratio=0.2,
+                                 num_random_tokens=vocab - BYTE_OFFSET - NUM_SENTINELS)
+    noised = np.asarray(noised)
+    content = noised[np.arange(noised.shape[1]) < np.asarray(lengths)[:, None]]
+    randoms = content[content != BYTE_OFFSET + 900]
+    assert randoms.size > 100 and randoms.min() >= BYTE_OFFSET
+    assert randoms.max() < vocab - NUM_SENTINELS and (randoms >= BYTE_OFFSET + 256).mean() > 0.5
+
+
 def test_byte_only_options_and_modalities_are_refused():
     cases = [(":mlm,tiny", ["objective.whole_word=True"], "objective.whole_word"),
-             (":bart,tiny", [], "objective.random_ratio|objective.permute_sentences"),
+             (":bart,tiny", [], "objective.permute_sentences"),
+             (":bart,tiny", ["objective.permute_sentences=0"], None),
              (":span_corruption,tiny", ["objective.noise_density=0.15"], None)]
     for arg, settings, error in cases:
         config = zoo.config.load(TEXT + arg, ["data.tokenizer=bpe:300", *settings])
         if error is None:
-            zoo.train.build(config)   # span corruption needs no bytes: fine
+            assert zoo.train.build(config).objective.vocab_size == 7 + 300 + 100
             continue
-        with pytest.raises(ValueError, match=rf"^({error}): .*allowed with it"):
+        with pytest.raises(ValueError, match=rf"^{error}: .*allowed with it"):
             zoo.train.build(config)
     image = zoo.config.load(f"{ROOT / 'experiments' / 'mae_digits.py'}:tiny",
                             ["data.tokenizer=bpe:300"])

@@ -85,19 +85,18 @@ class Experiment:
 # Building: validation, model, shardings.
 # ---------------------------------------------------------------------------------------------
 
-# Objective options that look at raw bytes (whitespace, newlines, random bytes): refused with a
+# Objective options that find words or sentences by bytes (whitespace, newlines): refused with a
 # subword tokenizer rather than silently meaning something else.
-BYTE_FEATURES = {"whole_word": False, "mask_whole_word": False, "permute_sentences": 0.0,
-                 "random_ratio": 0.0, "insert_ratio": 0.0}
+BYTE_FEATURES = {"whole_word": False, "mask_whole_word": False, "permute_sentences": 0.0}
 
 
 def _check_byte_features(name: str, hparams: dict, tokenizer: str) -> None:
     defaults = objectives.defaults_of(name)
     for field, off in BYTE_FEATURES.items():
         if field in defaults and hparams.get(field, defaults[field]) != off:
-            raise ValueError(f"objective.{field}: {name!r} finds words, sentences or random "
-                             f"tokens by bytes, which data.tokenizer={tokenizer!r} does not "
-                             f"have; allowed with it: {off!r}")
+            raise ValueError(f"objective.{field}: {name!r} finds words or sentences by bytes, "
+                             f"which data.tokenizer={tokenizer!r} does not have; allowed with "
+                             f"it: {off!r}")
 
 
 def make_objective(config: config_lib.Config, data_spec=None, *, name: str | None = None,
