@@ -332,7 +332,8 @@ def insert_tokens(tokens: jax.Array, length, rng: jax.Array, count, *, max_count
     u_pos, u_tok = _uniforms(rng, size, size)
     rank = _rank(jnp.where(valid, u_pos, 2.0))
     is_new = valid & (rank < count)
-    new = jnp.where(rank < ceil_ratio(count, random_ratio), _random_token(u_tok, num_random_tokens), MASK)
+    new = jnp.where(rank < ceil_ratio(count, random_ratio),
+                    _random_token(u_tok, num_random_tokens), MASK)
     source = jnp.clip(jnp.cumsum(valid & ~is_new) - 1, 0, tokens.shape[0] - 1)
     out = jnp.where(is_new, new, tokens[source])
     return jnp.where(valid, out, PAD).astype(tokens.dtype), total
@@ -379,7 +380,8 @@ def whole_word_mask(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio: fl
     shuffled = jnp.argsort(jnp.where(ws, u_start, 2.0))
     rank = jnp.clip(jnp.cumsum(lengths > 0) - 1, 0, size - 1)
     starts = shuffled[rank]
-    span_tokens = jnp.where(u_random < random_ratio, _random_token(u_token, num_random_tokens), MASK)
+    span_tokens = jnp.where(u_random < random_ratio,
+                            _random_token(u_token, num_random_tokens), MASK)
     out, new_length = apply_span_mask(tokens, length, ws, starts, lengths,
                                       span_tokens.astype(tokens.dtype),
                                       replace_length=replace_length)

@@ -44,7 +44,8 @@ def test_specs_and_vocabulary_sizes():
 
 def test_round_trip_and_id_layout(bpe):
     assert bpe.vocab_size == BYTE_OFFSET + 600 + NUM_SENTINELS
-    for text in ["def f(x):\n    return x  # é ünïcode ✓", "", "\t\n  ", "x" * 50, CODE[0][:3000]]:
+    texts = ["def f(x):\n    return x  # é ünïcode ✓", "", "\t\n  ", "x" * 50, CODE[0][:3000]]
+    for text in texts:
         ids = bpe.encode(text)
         assert ids.dtype == np.int32
         assert bpe.decode(ids) == text

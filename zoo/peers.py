@@ -10,8 +10,9 @@ Two benchmarks, each ours vs a peer script (``experiments/peers/``, copies of th
 
 Both sides run as child processes, alternating (ours first in even rounds, the peer first in odd
 ones, so a drift in machine load hits both alike), and are measured the same way: each prints
-the median of its timed steps, and a small measuring parent reports each child's own peak resident
-memory (``getrusage`` of its children). Our side also reports MFU against the matmul peak it measures in the same process.
+the median of its timed steps, and a small measuring parent reports each child's own peak
+resident memory (``getrusage`` of its children). Our side also reports MFU against the matmul
+peak it measures in the same process.
 
 The peer's packages (torch, transformers, an older flax) live in a virtual environment of their
 own (``.peers-venv/`` by default), created here, never in the project's dependencies. This module
@@ -365,7 +366,7 @@ def bench_vs_peers(which: Sequence[str] = ("mae", "mlm"), rounds: int = 3, *,
     print_fn(table)
     busy = [r["others_cpu_cores"] for r in rows if (r.get("others_cpu_cores") or 0) > 0.25]
     if busy:
-        print_fn(f"note: other processes kept a median {max(busy):.2f} of {os.cpu_count()} cores "
+        print_fn(f"note: other processes kept up to {max(busy):.2f} of {os.cpu_count()} cores "
                  "busy during the rounds: these figures are under contention (multi-threaded "
                  "peers, torch's OpenMP in particular, can slow down far more than ours).")
     if out:

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from zoo.text.tokenizer import BYTE_OFFSET, EOS, MASK, NUM_SENTINELS, PAD, BOS
+from zoo.text.tokenizer import BOS, BYTE_OFFSET, EOS, MASK, NUM_SENTINELS, PAD, decode_ids
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +88,7 @@ class SubwordTokenizer:
     def decode(self, ids) -> str:
         """ids -> str; sentinels as ``<extra_id_N>``, mask as ``<mask>``; pad, eos, bos and
         mode tokens dropped (as ``ByteTokenizer.decode``)."""
-        out, pending = [], []
-        first_sentinel = self.vocab_size - self.num_sentinels
-        for i in np.asarray(ids).reshape(-1).tolist():
-            if BYTE_OFFSET <= i < first_sentinel:
-                pending.append(i - BYTE_OFFSET)
-                continue
-            out.append(self._tok.decode(pending))
-            pending = []
-            if i >= first_sentinel:
-                out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
-            elif i == MASK:
-                out.append("<mask>")
-        out.append(self._tok.decode(pending))
-        return "".join(out)
+        return decode_ids(ids, self.vocab_size, self.num_sentinels, self._tok.decode)
 
     def to_json(self) -> str:
         return json.dumps({"num_pieces": self.num_pieces, "tokenizer": json.loads(self._json)})
@@ -158,11 +145,11 @@ def tokenizer_for(data_config, workdir: str | None = None):
     path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
     if path and os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
-        if saved.get("num_pieces") != pieces:
+            saved = SubwordTokenizer.from_json(f.read())
+        if saved.num_pieces != pieces:
             raise ValueError(f"data.tokenizer: {data_config.tokenizer!r}, but {path} holds "
-                             f"{saved.get('num_pieces')} pieces; use a new --workdir")
-        return SubwordTokenizer(json.dumps(saved["tokenizer"]), pieces)
+                             f"{saved.num_pieces} pieces; use a new --workdir")
+        return saved
     log.info("training a %d-piece byte-level BPE on %s (first %d characters)", pieces,
              data_config.name, TRAIN_CHARS)
     tokenizer = train_bpe(corpus_texts(data_config), pieces, max_chars=TRAIN_CHARS)

@@ -38,6 +38,26 @@ def is_special(ids, vocab_size: int = VOCAB_SIZE, num_sentinels: int = NUM_SENTI
     return (ids < BYTE_OFFSET) | (ids >= vocab_size - num_sentinels)
 
 
+def decode_ids(ids, vocab_size: int, num_sentinels: int, decode_run) -> str:
+    """The decoding loop shared by zoo's tokenizers: each run of ordinary ids (offset removed)
+    goes through ``decode_run(list[int]) -> str``; sentinels read ``<extra_id_N>``, mask reads
+    ``<mask>``; pad, eos, bos and mode tokens are dropped."""
+    first_sentinel = vocab_size - num_sentinels
+    out, pending = [], []
+    for i in np.asarray(ids).reshape(-1).tolist():
+        if BYTE_OFFSET <= i < first_sentinel:
+            pending.append(i - BYTE_OFFSET)
+            continue
+        out.append(decode_run(pending))
+        pending = []
+        if i >= first_sentinel:
+            out.append(f"<extra_id_{vocab_size - 1 - i}>")
+        elif i == MASK:
+            out.append("<mask>")
+    out.append(decode_run(pending))
+    return "".join(out)
+
+
 class ByteTokenizer:
     """UTF-8 bytes shifted past the special ids; see the module docstring for the layout."""
 
@@ -52,19 +72,8 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         """ids -> str. Byte ids decode as text (invalid UTF-8 replaced); sentinels as
         ``<extra_id_N>``, mask as ``<mask>``; pad, eos, bos and mode tokens are dropped."""
-        out, pending = [], bytearray()
-        for i in np.asarray(ids).reshape(-1).tolist():
-            if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
-                pending.append(i - BYTE_OFFSET)
-                continue
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending = bytearray()
-            if i >= self.vocab_size - self.num_sentinels:
-                out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
-            elif i == MASK:
-                out.append("<mask>")
-        out.append(pending.decode("utf-8", errors="replace"))
-        return "".join(out)
+        return decode_ids(ids, self.vocab_size, self.num_sentinels,
+                          lambda run: bytes(run).decode("utf-8", errors="replace"))
 
     def is_whitespace(self, ids):
         """True at the byte tokens of ASCII whitespace (space, tab, newline, CR, FF, VT): word
