@@ -125,6 +125,22 @@ def dino_loss(student: jax.Array, teacher: jax.Array, center: jax.Array,
     return jnp.sum(cross * keep) / jnp.sum(keep)
 
 
+def dino_target_entropies(teacher: jax.Array, center: jax.Array,
+                          teacher_temp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Collapse monitors for DINO's teacher targets ``q`` (the paper's Fig. 7 tracks the first):
+    ``teacher_entropy`` = mean over crops of ``H(q)`` (ln K: uniform collapse; 0: one prototype)
+    and ``target_information`` = ``H(mean q) - mean H(q)``, the information the targets carry
+    about which image they came from (0 in either collapse)."""
+    q = jax.nn.softmax((teacher.astype(jnp.float32) - center) / teacher_temp, axis=-1)
+    q = q.reshape(-1, q.shape[-1])
+
+    def entropy(p):
+        return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
+
+    mean_entropy = jnp.mean(entropy(q))
+    return mean_entropy, entropy(q.mean(axis=0)) - mean_entropy
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DINO(ImageObjective):
     """DINO (Caron et al. 2021; facebookresearch/dino ``main_dino.py``).
@@ -138,7 +154,11 @@ class DINO(ImageObjective):
     ``freeze_last_layer_steps``: the prototypes (last layer) get no gradient before this step,
     as the reference's ``freeze_last_layer`` (1 epoch there; 0, off, here). ``pool``: the head reads
     the mean of the patch tokens (default, what the probes read) or the cls token (the reference;
-    needs ``model.cls_token``).
+    needs ``model.cls_token``). ``use_bn_in_head``: the reference's BN head option (its default
+    for ResNets). ``color_strength`` scales the reference's colour jitter (1.0 = 0.4/0.4/0.2/0.1).
+
+    Logged collapse monitors (see :func:`dino_target_entropies`): ``teacher_entropy`` near ln K
+    and ``target_information`` near 0 mean the targets went uniform.
     """
 
     name: ClassVar[str] = "dino"
@@ -159,6 +179,8 @@ class DINO(ImageObjective):
     local_scale: tuple[float, float] = (0.05, 0.4)
     pool: str = "mean"             # head input: "mean" of patch tokens or the "cls" token (ref.)
     freeze_last_layer_steps: int = 0   # the reference freezes the prototypes for the 1st epoch
+    use_bn_in_head: bool = False   # the reference's --use_bn_in_head (BN after hidden Linears)
+    color_strength: float = 1.0    # scales the reference's jitter (0.4, 0.4, 0.2, 0.1); 0: none
 
     def __post_init__(self):
         if self.pool not in ("mean", "cls"):
@@ -178,6 +200,8 @@ class DINO(ImageObjective):
                              f"{self.freeze_last_layer_steps}")
         _check_scale("global_scale", self.global_scale)
         _check_scale("local_scale", self.local_scale)
+        if self.color_strength < 0:
+            raise ValueError(f"objective.color_strength: must be >= 0, got {self.color_strength}")
 
     def local_crop_size(self, image_shape) -> int:
         size = self.local_size or max(self.patch_size, image_shape[0] // 2)
@@ -192,7 +216,8 @@ class DINO(ImageObjective):
 
     def make_heads(self, encoder, *, rngs, dtype=jnp.float32):
         return DinoHead(encoder.width, self.out_dim, hidden_dim=self.head_hidden,
-                        bottleneck_dim=self.head_bottleneck, rngs=rngs, dtype=dtype)
+                        bottleneck_dim=self.head_bottleneck, use_bn=self.use_bn_in_head,
+                        rngs=rngs, dtype=dtype)
 
     def init_state(self, params):
         return {"teacher": params, "center": jnp.zeros((1, self.out_dim), jnp.float32)}
@@ -210,28 +235,40 @@ class DINO(ImageObjective):
         size = self.local_crop_size(images.shape[1:])
         global_crops, local_crops = augment.multi_crop(
             rng, images, num_local=self.num_local, local_size=(size, size),
-            global_scale=tuple(self.global_scale), local_scale=tuple(self.local_scale))
+            global_scale=tuple(self.global_scale), local_scale=tuple(self.local_scale),
+            jitter=tuple(self.color_strength * j for j in augment.DINO_JITTER))
         return {"global": global_crops, "local": local_crops}, None
 
-    def _logits(self, model, crops, freeze_last=False):
+    def _features(self, model, crops):
         views, batch = crops.shape[:2]
         features = image_features(model.encoder, crops.reshape(views * batch, *crops.shape[2:]),
                                   self.patch_size, self.pool)
-        return model.heads(features, freeze_last=freeze_last).reshape(views, batch, -1)
+        return features.reshape(views, batch, -1)
+
+    def _logits(self, model, features, freeze_last=False):
+        # One head call over every crop (the reference's MultiCropWrapper), so a BN head
+        # normalises over all of them together.
+        views, batch = features.shape[:2]
+        logits = model.heads(features.reshape(views * batch, -1), freeze_last=freeze_last)
+        return logits.reshape(views, batch, -1)
 
     def apply(self, model, inputs, context):
         freeze = jnp.asarray(context.step) < self.freeze_last_layer_steps
-        student = self._logits(model, inputs["global"], freeze)
+        features = self._features(model, inputs["global"])
         if self.num_local:
-            student = jnp.concatenate([student, self._logits(model, inputs["local"], freeze)])
-        teacher = self._logits(context.teacher, inputs["global"])
+            features = jnp.concatenate([features, self._features(model, inputs["local"])])
+        student = self._logits(model, features, freeze)
+        teacher = self._logits(context.teacher, self._features(context.teacher, inputs["global"]))
         return {"student": student, "teacher": teacher, "center": context.state["center"],
                 "teacher_temp": self.teacher_temperature(context.step)}
 
     def loss(self, outputs, targets):
         loss = dino_loss(outputs["student"], outputs["teacher"], outputs["center"],
                          self.student_temp, outputs["teacher_temp"])
-        return loss, {"loss": loss, "teacher_temp": outputs["teacher_temp"]}
+        entropy, information = dino_target_entropies(outputs["teacher"], outputs["center"],
+                                                     outputs["teacher_temp"])
+        return loss, {"loss": loss, "teacher_temp": outputs["teacher_temp"],
+                      "teacher_entropy": entropy, "target_information": information}
 
     def forward_flops(self, model) -> float:
         """Student: 2 global + num_local local crops; teacher: the 2 global crops."""

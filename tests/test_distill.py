@@ -169,3 +169,66 @@ def test_dino_freezes_prototypes_for_the_configured_steps():
     assert dino.freeze_last_layer_steps == 3
     with pytest.raises(ValueError, match="objective.freeze_last_layer_steps"):
         objectives.get("dino", freeze_last_layer_steps=-1)
+
+
+def _head_by_hand(params, x, use_bn):
+    """DINOHead's forward written out in numpy: Linear (-> BN over the rows) -> exact GELU,
+    twice; Linear to the bottleneck; L2 normalise; unit-norm prototypes."""
+    from scipy.special import erf
+    x = np.asarray(x, np.float64)
+    layers = params["layers"]
+    for i in range(2):
+        x = x @ np.asarray(layers[i]["kernel"][...]) + np.asarray(layers[i]["bias"][...])
+        if use_bn:
+            x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)   # biased variance, eps 1e-5
+        x = 0.5 * x * (1 + erf(x / np.sqrt(2)))
+    x = x @ np.asarray(layers[2]["kernel"][...]) + np.asarray(layers[2]["bias"][...])
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    w = np.asarray(params["last"][...], np.float64)
+    return x @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_dino_head_matches_the_reference_forward(use_bn):
+    from flax import nnx
+    from zoo.models.heads import DinoHead
+    head = DinoHead(8, 16, hidden_dim=12, bottleneck_dim=6, use_bn=use_bn, rngs=nnx.Rngs(0))
+    _, params = nnx.split(head, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    np.testing.assert_allclose(head(x), _head_by_hand(params, x, use_bn), rtol=2e-4, atol=2e-5)
+    # BN couples the rows (statistics of the batch); without it each row stands alone.
+    alone = head(x[:3])
+    assert np.allclose(alone, head(x)[:3], atol=1e-6) != use_bn
+
+
+def test_dino_target_entropies_detect_both_collapses():
+    from objectives.distill import dino_target_entropies
+    k = 8
+    # Uniform collapse: every crop's logits equal the centre -> H = ln K, no information.
+    flat = jnp.zeros((2, 4, k))
+    entropy, information = dino_target_entropies(flat, jnp.zeros((1, k)), 0.04)
+    np.testing.assert_allclose([entropy, information], [math.log(k), 0.0], atol=1e-5)
+    # Each of 4 images points sharply at its own prototype: H ~ 0, information = ln 4.
+    sharp = jnp.tile(10.0 * jnp.eye(4, k)[None], (2, 1, 1))
+    entropy, information = dino_target_entropies(sharp, jnp.zeros((1, k)), 0.04)
+    np.testing.assert_allclose([entropy, information], [0.0, math.log(4)], atol=1e-4)
+    # All images point at ONE prototype (dimension collapse): H ~ 0 and no information.
+    one = jnp.zeros((2, 4, k)).at[..., 3].set(10.0)
+    entropy, information = dino_target_entropies(one, jnp.zeros((1, k)), 0.04)
+    np.testing.assert_allclose([entropy, information], [0.0, 0.0], atol=1e-4)
+
+
+def test_dino_color_strength_scales_the_jitter():
+    """A flat grey image stays flat under crop, flip, grey, blur and (below the threshold)
+    solarize: only the colour jitter can change it."""
+    images = jnp.full((6, 16, 16, 3), 77, jnp.uint8)
+    batch = {"image": images}
+    plain = objectives.get("dino", num_local=1, color_strength=0.0, patch_size=4)
+    inputs, _ = plain.prepare(batch, jax.random.key(0))
+    for views in (inputs["global"], inputs["local"]):
+        np.testing.assert_allclose(views, 77 / 255 * 2 - 1, atol=2e-4)   # blur/grey rounding
+    jittered, _ = objectives.get("dino", num_local=1, patch_size=4).prepare(batch,
+                                                                           jax.random.key(0))
+    assert np.abs(np.asarray(jittered["global"]) - (77 / 255 * 2 - 1)).max() > 0.01
+    with pytest.raises(ValueError, match="objective.color_strength"):
+        objectives.get("dino", color_strength=-1.0)

@@ -384,10 +384,12 @@ def multi_crop(rng, images_uint8: jax.Array, *, num_local: int = 6,
                global_size: Sequence[int] | None = None,
                local_size: Sequence[int] | None = None,
                global_scale: Sequence[float] = (0.4, 1.0),
-               local_scale: Sequence[float] = (0.05, 0.4)) -> tuple[jax.Array, jax.Array]:
+               local_scale: Sequence[float] = (0.05, 0.4),
+               jitter: Sequence[float] = DINO_JITTER) -> tuple[jax.Array, jax.Array]:
     """DINO's multi-crop (``DataAugmentationDINO``): two global and ``num_local`` local views.
 
-    All views: flip, colour jitter (p 0.8, :data:`DINO_JITTER`), grayscale (p 0.2). Global
+    All views: flip, colour jitter (p 0.8, ``jitter`` = (brightness, contrast, saturation,
+    hue), the reference's :data:`DINO_JITTER` by default), grayscale (p 0.2). Global
     view 1: blur p 1.0; global view 2: blur p 0.1 and solarize p 0.2; local views: blur p 0.5.
 
     Args:
@@ -408,10 +410,10 @@ def multi_crop(rng, images_uint8: jax.Array, *, num_local: int = 6,
     local_size = tuple(local_size or (2 * max(1, h // 4), 2 * max(1, w // 4)))
     k_global, k_local = jax.random.split(rng)
     globals_ = _views(k_global, images, 2, out_size=global_size, scale=global_scale,
-                      jitter=DINO_JITTER, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
+                      jitter=jitter, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
     if num_local == 0:                                       # static: no local program
         return globals_, jnp.zeros((0, b, *local_size, c), jnp.float32)
     locals_ = _views(k_local, images, num_local, out_size=local_size, scale=local_scale,
-                     jitter=DINO_JITTER, blur_p=(0.5,) * num_local,
+                     jitter=jitter, blur_p=(0.5,) * num_local,
                      solarize_p=(0.0,) * num_local)
     return globals_, locals_

@@ -75,21 +75,31 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 class DinoHead(nnx.Module):
     """DINO's projection head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised
     linear layer without bias whose per-output weight vectors are normalised to unit length
-    (``norm_last_layer=True``: the weight-norm gain is fixed to 1)."""
+    (``norm_last_layer=True``: the weight-norm gain is fixed to 1).
+
+    ``use_bn`` (the reference's ``--use_bn_in_head``): a BatchNorm over the batch after every
+    hidden Linear (before the GELU), as in ``DINOHead(use_bn=True)``; the batch is every row of
+    ``x [N, D]`` (the reference runs the head once over all crops of the batch).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, num_layers: int = 3, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+                 bottleneck_dim: int = 256, num_layers: int = 3, use_bn: bool = False,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         self.layers = nnx.List([dense(a, b, ("embed", "mlp"), rngs=rngs, dtype=dtype)
                                 for a, b in zip(dims[:-1], dims[1:])])
+        self.norms = (nnx.List([BatchNorm(hidden_dim, rngs=rngs) for _ in dims[1:-1]])
+                      if use_bn else None)
         self.last = param(rngs, nnx.initializers.truncated_normal(0.02),
                           (bottleneck_dim, out_dim), ("embed", "mlp"))
 
     def __call__(self, x: jax.Array, *, freeze_last: jax.Array | bool = False) -> jax.Array:
         """``freeze_last`` (may be traced): no gradient reaches the last layer's weights."""
-        for layer in self.layers[:-1]:
-            x = jax.nn.gelu(layer(x), approximate=False)
+        for i, layer in enumerate(self.layers[:-1]):
+            x = layer(x)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = jax.nn.gelu(x, approximate=False)
         x = l2_normalize(self.layers[-1](x))
         weight = self.last[...]
         weight = jnp.where(freeze_last, jax.lax.stop_gradient(weight), weight)
