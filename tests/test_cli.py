@@ -409,6 +409,35 @@ def test_write_results_and_table(tmp_path):
     _assert_results_files(tmp_path, results)
 
 
+def test_compare_train_time_survives_a_rerun_and_adds_up_over_resumes(tmp_path, monkeypatch):
+    """``timed_train``: a finished workdir reports the seconds and summary recorded when it was
+    trained; an interrupted one adds the resumed part to what the earlier call recorded."""
+    import time
+    import types
+
+    import zoo.train
+    from zoo.compare import timed_train
+    cfg = types.SimpleNamespace(steps=3)
+
+    def fake_train(stop_early, loss):
+        def train(config, workdir):
+            time.sleep(0.3)
+            os.makedirs(workdir, exist_ok=True)
+            if not stop_early:
+                os.makedirs(os.path.join(workdir, "checkpoints", str(config.steps)), exist_ok=True)
+            return {"loss": loss} if loss is not None else {}
+        return train
+
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(zoo.train, "train", fake_train(True, 2.0))      # interrupted
+    _, first = timed_train(cfg, workdir)
+    monkeypatch.setattr(zoo.train, "train", fake_train(False, 1.5))     # resumed to the end
+    summary, total = timed_train(cfg, workdir)
+    assert summary["loss"] == 1.5 and total >= first + 0.3 > 0.5
+    monkeypatch.setattr(zoo.train, "train", fake_train(False, None))    # re-run: nothing to do
+    assert timed_train(cfg, workdir) == ({"loss": 1.5}, total)
+
+
 @pytest.mark.slow
 def test_zoo_compare_tiny(digits, tmp_path):
     out = tmp_path / "cmp"
@@ -434,6 +463,15 @@ def test_zoo_compare_tiny(digits, tmp_path):
     for name in ("random-init", *names):
         assert f"| {name} |" in run.out, run.out
     assert f"wrote {out}/results.md" in run.out
+    # Re-run over the finished workdirs: nothing retrains, and "train s" stays the time the
+    # first run trained for (not the moment the re-run took to find the run finished).
+    again = run_cli("compare", "--tiny", "--only", "mae", "--out", str(out))
+    assert again.code == 0, again.err[-3000:]
+    with open(out / "results.json") as f:
+        rerun = {r["objective"]: r for r in json.load(f)["rows"]}
+    first = {r["objective"]: r for r in rows}
+    assert rerun["mae"]["train_seconds"] == first["mae"]["train_seconds"] > 0
+    assert rerun["mae"]["final_loss"] == first["mae"]["final_loss"]
 
 
 @pytest.mark.slow

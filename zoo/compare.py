@@ -24,7 +24,11 @@ IMAGE_HPARAMS = {
             "decoder_depth": 2, "decoder_heads": 4},
     "simclr": {"proj_dim": 64},
     "byol": {"proj_hidden": 512, "proj_dim": 128},
-    "dino": {"out_dim": 1024, "head_hidden": 512, "head_bottleneck": 128, "num_local": 4},
+    # BN head and no colour jitter: on grey digits the reference's jitter makes the teacher's
+    # targets at init encode each crop's brightness, which the other crop cannot predict, and
+    # DINO collapsed to uniform targets (README, "Image suite").
+    "dino": {"out_dim": 1024, "head_hidden": 512, "head_bottleneck": 128, "num_local": 4,
+             "use_bn_in_head": True, "color_strength": 0.0},
 }
 # The same heads shrunk for ``tiny`` runs (smoke tests).
 TINY_HPARAMS = {
@@ -78,7 +82,6 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
     """
     from zoo.evaluate import heldout
     from zoo.probe import probe
-    from zoo.train import train
 
     if suite not in SUITES:
         raise ValueError(f"--suite: unknown {suite!r}; allowed: {SUITES}")
@@ -110,17 +113,43 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
     for name, cfg in configs.items():
         cfg = dataclasses.replace(cfg, progress=progress)
         workdir = os.path.join(out_dir, name)
-        start = time.perf_counter()
-        summary = train(cfg, workdir)
-        seconds = time.perf_counter() - start
+        summary, seconds = timed_train(cfg, workdir)
         rows.append({"objective": name, "steps": cfg.steps, "final_loss": summary.get("loss"),
-                     "train_seconds": round(seconds, 1), **evaluate(cfg, workdir),
+                     "train_seconds": seconds, **evaluate(cfg, workdir),
                      **_scores(probe(cfg, workdir))})
     results = {"suite": suite, "dataset": baseline_config.data.name,
                "model": dataclasses.asdict(baseline_config.model), "rows": rows}
     if jax.process_index() == 0:
         write_results(results, out_dir)
     return results
+
+
+TRAIN_RECORD_FILE = "compare_train.json"
+
+
+def timed_train(cfg, workdir: str) -> tuple[dict, float]:
+    """Trains (or resumes) ``cfg`` in ``workdir``; returns ``(summary, seconds)`` where
+    ``seconds`` adds up every ``zoo compare`` call that trained it. A workdir that was already
+    finished reports the summary and seconds recorded when it was trained (not the moment it
+    took to notice it was done, nor an empty summary)."""
+    from zoo.train import completed_checkpoint_steps, train
+
+    path = os.path.join(workdir, TRAIN_RECORD_FILE)
+    record = {"seconds": 0.0, "summary": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+    finished = cfg.steps in completed_checkpoint_steps(workdir)
+    start = time.perf_counter()
+    summary = train(cfg, workdir)
+    if finished and os.path.exists(path):
+        return record["summary"], round(record["seconds"], 1)
+    seconds = record["seconds"] + time.perf_counter() - start
+    if jax.process_index() == 0:
+        plain = {k: v for k, v in summary.items() if isinstance(v, (bool, int, float, str))}
+        with open(path, "w") as f:
+            json.dump({"seconds": seconds, "summary": plain}, f)
+    return summary, round(seconds, 1)
 
 
 def _heldout(result: dict) -> dict:

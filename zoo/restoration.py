@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import jax
 import numpy as np
@@ -52,7 +51,7 @@ def compare_restoration(out_dir: str, *, steps: int | None = None, tiny: bool = 
                         only: tuple[str, ...] | None = None, progress: bool = True) -> dict:
     """Pretrains, fine-tunes and evaluates; returns the results dict (see the module doc)."""
     from zoo.evaluate import heldout
-    from zoo.train import train
+    from zoo.compare import timed_train
 
     names = only or objectives.suite_names("restoration")
     steps = steps or (4 if tiny else DEFAULT_STEPS)
@@ -62,9 +61,7 @@ def compare_restoration(out_dir: str, *, steps: int | None = None, tiny: bool = 
                                                          ).data.batch_size
 
     def run(config, workdir):
-        start = time.perf_counter()
-        summary = train(dataclasses.replace(config, progress=progress), workdir)
-        return summary, round(time.perf_counter() - start, 1)
+        return timed_train(dataclasses.replace(config, progress=progress), workdir)
 
     identity = restoration_config("restore", steps=finetune_steps, tiny=tiny)
     degraded = heldout(identity, None, num_batches=test_batches)

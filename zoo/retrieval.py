@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +119,7 @@ def compare_retrieval(out_dir: str, *, steps: int | None = None, tiny: bool = Fa
                       only: tuple[str, ...] | None = None, progress: bool = True,
                       datasets: tuple[str, ...] = DATASETS) -> dict:
     """Pretrains each retrieval objective on each paired dataset; returns the results dict."""
-    from zoo.compare import write_results
-    from zoo.train import train
+    from zoo.compare import timed_train, write_results
 
     names = only or objectives.suite_names("retrieval")
     limit = 256 if tiny else None
@@ -135,11 +133,9 @@ def compare_retrieval(out_dir: str, *, steps: int | None = None, tiny: bool = Fa
             config = dataclasses.replace(
                 retrieval_config(name, dataset, steps=steps, tiny=tiny), progress=progress)
             workdir = os.path.join(out_dir, f"{dataset}_{name}")
-            start = time.perf_counter()
-            summary = train(config, workdir)
+            summary, seconds = timed_train(config, workdir)
             rows.append({"dataset": dataset, "objective": name, "steps": config.steps,
-                         "final_loss": summary.get("loss"),
-                         "train_seconds": round(time.perf_counter() - start, 1),
+                         "final_loss": summary.get("loss"), "train_seconds": seconds,
                          **retrieval_scores(config, workdir, limit=limit)})
     results = {"suite": "retrieval", "dataset": ", ".join(datasets),
                "model": dataclasses.asdict(baseline.model), "rows": rows}
