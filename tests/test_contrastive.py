@@ -164,7 +164,9 @@ CODE_SPEC = PairDatasetSpec(name="synthetic_pairs", towers=("code", "text"), ima
 SMALL_HEADS = {
     "simclr": {"proj_dim": 16},
     "byol": {"proj_hidden": 32, "proj_dim": 16},
-    "dino": {"out_dim": 64, "head_hidden": 32, "head_bottleneck": 16, "num_local": 2},
+    # The BN head (the image suite's setting) normalises over the GLOBAL batch of all crops.
+    "dino": {"out_dim": 64, "head_hidden": 32, "head_bottleneck": 16, "num_local": 2,
+             "use_bn_in_head": True},
     "clip": {"embed_dim": 16},
     "siglip": {"embed_dim": 16},
 }
