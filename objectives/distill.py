@@ -130,7 +130,7 @@ def dino_target_entropies(teacher: jax.Array, center: jax.Array,
     """Collapse monitors for DINO's teacher targets ``q`` (the paper's Fig. 7 tracks the first):
     ``teacher_entropy`` = mean over crops of ``H(q)`` (ln K: uniform collapse; 0: one prototype)
     and ``target_information`` = ``H(mean q) - mean H(q)``, the information the targets carry
-    about which image they came from (0 in either collapse)."""
+    about which crop they came from (0 in either collapse)."""
     q = jax.nn.softmax((teacher.astype(jnp.float32) - center) / teacher_temp, axis=-1)
     q = q.reshape(-1, q.shape[-1])
 
@@ -154,8 +154,8 @@ class DINO(ImageObjective):
     ``freeze_last_layer_steps``: the prototypes (last layer) get no gradient before this step,
     as the reference's ``freeze_last_layer`` (1 epoch there; 0, off, here). ``pool``: the head reads
     the mean of the patch tokens (default, what the probes read) or the cls token (the reference;
-    needs ``model.cls_token``). ``use_bn_in_head``: the reference's BN head option (its default
-    for ResNets). ``color_strength`` scales the reference's colour jitter (1.0 = 0.4/0.4/0.2/0.1).
+    needs ``model.cls_token``). ``use_bn_in_head``: the reference's ``--use_bn_in_head`` (off by
+    default there). ``color_strength`` scales the reference's colour jitter (1.0 = 0.4/0.4/0.2/0.1).
 
     Logged collapse monitors (see :func:`dino_target_entropies`): ``teacher_entropy`` near ln K
     and ``target_information`` near 0 mean the targets went uniform.
@@ -200,8 +200,9 @@ class DINO(ImageObjective):
                              f"{self.freeze_last_layer_steps}")
         _check_scale("global_scale", self.global_scale)
         _check_scale("local_scale", self.local_scale)
-        if self.color_strength < 0:
-            raise ValueError(f"objective.color_strength: must be >= 0, got {self.color_strength}")
+        if not 0 <= self.color_strength <= 5:   # hue strength 0.1 s must stay <= 0.5
+            raise ValueError(f"objective.color_strength: must be in [0, 5], got "
+                             f"{self.color_strength}")
 
     def local_crop_size(self, image_shape) -> int:
         size = self.local_size or max(self.patch_size, image_shape[0] // 2)

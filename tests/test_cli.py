@@ -409,33 +409,75 @@ def test_write_results_and_table(tmp_path):
     _assert_results_files(tmp_path, results)
 
 
-def test_compare_train_time_survives_a_rerun_and_adds_up_over_resumes(tmp_path, monkeypatch):
-    """``timed_train``: a finished workdir reports the seconds and summary recorded when it was
-    trained; an interrupted one adds the resumed part to what the earlier call recorded."""
+def _fake_train(stop_at=None, loss=1.5, crash=False):
+    """Stands in for ``zoo.train.train``: sleeps 0.3 s, writes the step's checkpoint dir and
+    returns a summary like the real one (``preempted`` when stopped before the end)."""
     import time
+
+    def train(config, workdir):
+        time.sleep(0.3)
+        if crash:
+            raise KeyboardInterrupt
+        step = stop_at or config.steps
+        os.makedirs(os.path.join(workdir, "checkpoints", str(step)), exist_ok=True)
+        return {"workdir": workdir, "step": step, "preempted": step < config.steps, "loss": loss}
+    return train
+
+
+def test_compare_train_time_adds_up_over_preemption_and_crash_and_survives_a_rerun(
+        tmp_path, monkeypatch):
     import types
 
     import zoo.train
-    from zoo.compare import timed_train
-    cfg = types.SimpleNamespace(steps=3)
-
-    def fake_train(stop_early, loss):
-        def train(config, workdir):
-            time.sleep(0.3)
-            os.makedirs(workdir, exist_ok=True)
-            if not stop_early:
-                os.makedirs(os.path.join(workdir, "checkpoints", str(config.steps)), exist_ok=True)
-            return {"loss": loss} if loss is not None else {}
-        return train
-
-    workdir = str(tmp_path / "run")
-    monkeypatch.setattr(zoo.train, "train", fake_train(True, 2.0))      # interrupted
-    _, first = timed_train(cfg, workdir)
-    monkeypatch.setattr(zoo.train, "train", fake_train(False, 1.5))     # resumed to the end
+    from zoo.compare import TRAIN_RECORD_FILE, ComparisonPreempted, timed_train
+    cfg, workdir = types.SimpleNamespace(steps=3), str(tmp_path / "run")
+    monkeypatch.setattr(zoo.train, "train", _fake_train(stop_at=1, loss=2.0))   # SIGTERM
+    with pytest.raises(ComparisonPreempted, match="run the same comparison again"):
+        timed_train(cfg, workdir)
+    monkeypatch.setattr(zoo.train, "train", _fake_train(crash=True))            # Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        timed_train(cfg, workdir)
+    with open(os.path.join(workdir, TRAIN_RECORD_FILE)) as f:
+        assert json.load(f)["seconds"] >= 0.6                     # both parts recorded
+    monkeypatch.setattr(zoo.train, "train", _fake_train())                      # to the end
     summary, total = timed_train(cfg, workdir)
-    assert summary["loss"] == 1.5 and total >= first + 0.3 > 0.5
-    monkeypatch.setattr(zoo.train, "train", fake_train(False, None))    # re-run: nothing to do
-    assert timed_train(cfg, workdir) == ({"loss": 1.5}, total)
+    assert summary["loss"] == 1.5 and total >= 0.9
+    monkeypatch.setattr(zoo.train, "train", lambda config, workdir: {"step": 3})  # re-run
+    assert timed_train(cfg, workdir) == (summary, total)
+
+
+def test_compare_train_time_is_unknown_without_a_record(tmp_path, monkeypatch, caplog):
+    """A workdir finished by something that kept no record (``zoo pretrain``, an older zoo) and
+    one whose record is damaged report "-" rather than the re-run's moment."""
+    import types
+
+    import zoo.train
+    from zoo.compare import TRAIN_RECORD_FILE, format_seconds, timed_train
+    cfg, workdir = types.SimpleNamespace(steps=3), str(tmp_path / "run")
+    os.makedirs(os.path.join(workdir, "checkpoints", "3"))
+    monkeypatch.setattr(zoo.train, "train", lambda config, workdir: {"step": 3, "loss": 0.5})
+    assert timed_train(cfg, workdir) == ({"step": 3, "loss": 0.5}, None)
+    assert not os.path.exists(os.path.join(workdir, TRAIN_RECORD_FILE))
+    with open(os.path.join(workdir, TRAIN_RECORD_FILE), "w") as f:
+        f.write('{"seconds": 1')                                  # cut off mid-write
+    assert timed_train(cfg, workdir)[1] is None
+    assert "unreadable" in caplog.text
+    assert format_seconds(None) == "-" and format_seconds(84.6) == "85"
+
+
+def test_zoo_compare_exits_0_when_preempted(tmp_path, monkeypatch):
+    """Like ``zoo pretrain``: a SIGTERM'd comparison has its checkpoint, says how to resume,
+    writes no results table, and exits 0 so a scheduler does not count it as a failure."""
+    import zoo.compare
+
+    def preempted(*args, **kwargs):
+        raise zoo.compare.ComparisonPreempted("preempted: X checkpointed at step 7; run the "
+                                              "same comparison again to resume")
+    monkeypatch.setattr(zoo.compare, "compare", preempted)
+    run = run_cli("compare", "--tiny", "--out", str(tmp_path / "cmp"))
+    assert run.code == 0, run.err
+    assert "run the same comparison again to resume" in run.err
+    assert "wrote" not in run.out and not (tmp_path / "cmp" / "results.md").exists()
 
 
 @pytest.mark.slow

@@ -230,5 +230,39 @@ def test_dino_color_strength_scales_the_jitter():
     jittered, _ = objectives.get("dino", num_local=1, patch_size=4).prepare(batch,
                                                                            jax.random.key(0))
     assert np.abs(np.asarray(jittered["global"]) - (77 / 255 * 2 - 1)).max() > 0.01
-    with pytest.raises(ValueError, match="objective.color_strength"):
-        objectives.get("dino", color_strength=-1.0)
+    for bad in (-1.0, 6.0):
+        with pytest.raises(ValueError, match="objective.color_strength"):
+            objectives.get("dino", color_strength=bad)
+
+
+def test_dino_bn_head_sees_all_student_crops_at_once_and_the_teacher_only_globals():
+    """As the reference's MultiCropWrapper: the student's head runs once over every crop, so
+    with BN its global-crop logits depend on the local crops; the teacher's head sees only the
+    two global crops."""
+    from flax import nnx
+
+    from zoo.data import DatasetSpec
+    config = zoo.config.validate(zoo.config.Config(
+        model=zoo.config.ModelConfig(size="test", patch_size=4),
+        objective={"name": "dino", "out_dim": 16, "head_hidden": 12, "head_bottleneck": 8,
+                   "num_local": 2, "use_bn_in_head": True},
+        data=zoo.config.DataConfig(name="synthetic", batch_size=4), steps=10, progress=False))
+    spec = DatasetSpec(name="synthetic", image_shape=(16, 16, 3), num_classes=None,
+                       splits={"train": 64})
+    experiment = zoo.train.build(config, devices=jax.devices()[:1], data_spec=spec)
+    dino, state = experiment.objective, zoo.train.init_state(experiment)
+    model = nnx.merge(experiment.graphdef, state.params)
+    context = objectives.StepContext(
+        state=state.objective_state, teacher=nnx.merge(experiment.graphdef, state.params),
+        step=jnp.int32(0), total_steps=10,
+        merge=lambda params: nnx.merge(experiment.graphdef, params))
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    inputs, _ = dino.prepare({"image": jnp.asarray(images)}, jax.random.key(0))
+    out = dino.apply(model, inputs, context)
+    moved = dino.apply(model, {**inputs, "local": 0.5 * inputs["local"]}, context)
+    assert np.abs(np.asarray(moved["student"][:2] - out["student"][:2])).max() > 1e-3
+    np.testing.assert_array_equal(moved["teacher"], out["teacher"])
+    # The teacher's logits are its head over the global crops' features alone.
+    features = dino._features(context.teacher, inputs["global"])
+    alone = context.teacher.heads(features.reshape(8, -1)).reshape(2, 4, -1)
+    np.testing.assert_allclose(out["teacher"], alone, rtol=1e-5, atol=1e-6)

@@ -49,9 +49,13 @@ def _probe(args) -> None:
 
 
 def _compare(args) -> None:
-    from zoo.compare import compare, results_table
-    results = compare(args.suite, args.out, steps=args.steps, tiny=args.tiny,
-                      only=tuple(args.only) if args.only else None)
+    from zoo.compare import ComparisonPreempted, compare, results_table
+    try:
+        results = compare(args.suite, args.out, steps=args.steps, tiny=args.tiny,
+                          only=tuple(args.only) if args.only else None)
+    except ComparisonPreempted as preempted:    # checkpoint written: exit 0, rerun resumes
+        print(f"zoo compare: {preempted}", file=sys.stderr)
+        return
     print(results_table(results))
     print(f"wrote {args.out}/results.md, results.json, results.png")
 

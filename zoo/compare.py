@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -15,6 +16,8 @@ import jax
 import objectives
 from zoo import config as config_lib
 from zoo.config import Config, DataConfig, ModelConfig, OptimConfig
+
+log = logging.getLogger(__name__)
 
 SUITES = ("image", "text", "restoration", "retrieval")   # see zoo/restoration.py, zoo/retrieval.py
 
@@ -127,29 +130,64 @@ def compare(suite: str = "image", out_dir: str = "compare_out", *, steps: int | 
 TRAIN_RECORD_FILE = "compare_train.json"
 
 
-def timed_train(cfg, workdir: str) -> tuple[dict, float]:
-    """Trains (or resumes) ``cfg`` in ``workdir``; returns ``(summary, seconds)`` where
-    ``seconds`` adds up every ``zoo compare`` call that trained it. A workdir that was already
-    finished reports the summary and seconds recorded when it was trained (not the moment it
-    took to notice it was done, nor an empty summary)."""
-    from zoo.train import completed_checkpoint_steps, train
+class ComparisonPreempted(Exception):
+    """A suite's training run was preempted (SIGTERM): its checkpoint is written and the
+    comparison stops; running the same comparison again resumes it (``zoo compare`` exits 0)."""
 
-    path = os.path.join(workdir, TRAIN_RECORD_FILE)
-    record = {"seconds": 0.0, "summary": {}}
-    if os.path.exists(path):
+
+def _read_record(path: str) -> dict | None:
+    """``{"seconds": float, "summary": dict}`` from an earlier call, or None (none, or unreadable:
+    a record is a convenience, never a reason to stop a comparison)."""
+    try:
         with open(path) as f:
             record = json.load(f)
-    finished = cfg.steps in completed_checkpoint_steps(workdir)
-    start = time.perf_counter()
-    summary = train(cfg, workdir)
-    if finished and os.path.exists(path):
-        return record["summary"], round(record["seconds"], 1)
-    seconds = record["seconds"] + time.perf_counter() - start
-    if jax.process_index() == 0:
-        plain = {k: v for k, v in summary.items() if isinstance(v, (bool, int, float, str))}
-        with open(path, "w") as f:
-            json.dump({"seconds": seconds, "summary": plain}, f)
-    return summary, round(seconds, 1)
+        return {"seconds": float(record["seconds"]), "summary": dict(record["summary"])}
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as error:
+        log.warning("ignoring the unreadable %s (%s)", path, error)
+        return None
+
+
+def timed_train(cfg, workdir: str) -> tuple[dict, float | None]:
+    """Trains (or resumes) ``cfg`` in ``workdir``; returns ``(summary, seconds)``.
+
+    ``seconds`` adds up every call that trained this workdir (kept in ``TRAIN_RECORD_FILE``, also
+    when a call is interrupted), so a re-run over a finished workdir reports the time it took to
+    train, not the moment it took to notice it was done; None where that time is unknown (trained
+    before the record existed, e.g. by ``zoo pretrain``). A preempted run raises
+    :class:`ComparisonPreempted` after its checkpoint is written."""
+    from zoo.train import _write_json_atomically, completed_checkpoint_steps, train
+
+    path = os.path.join(workdir, TRAIN_RECORD_FILE)
+    record = _read_record(path)
+    done = completed_checkpoint_steps(workdir)
+    if cfg.steps in done:
+        summary = train(cfg, workdir)        # nothing left to train: the last logged metrics
+        if record and record["summary"].get("step") == cfg.steps:
+            return record["summary"], round(record["seconds"], 1)
+        return summary, None
+    # Seconds of earlier calls: recorded, none (a fresh workdir), or unknown (checkpoints
+    # written by something that kept no record).
+    earlier = record["seconds"] if record else (None if done else 0.0)
+    summary, start = None, time.perf_counter()
+    try:
+        summary = train(cfg, workdir)
+    finally:
+        seconds = None if earlier is None else earlier + time.perf_counter() - start
+        if jax.process_index() == 0 and seconds is not None:
+            kept = summary if summary is not None else (record or {}).get("summary", {})
+            plain = {k: v for k, v in kept.items() if isinstance(v, (bool, int, float, str))}
+            _write_json_atomically(path, {"seconds": seconds, "summary": plain})
+    if summary.get("preempted"):
+        raise ComparisonPreempted(f"preempted: {workdir} checkpointed at step {summary['step']}; "
+                                  "run the same comparison again to resume")
+    return summary, None if seconds is None else round(seconds, 1)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A results table's "train s" cell: whole seconds, "-" where the time is unknown."""
+    return "-" if seconds is None else f"{seconds:.0f}"
 
 
 def _heldout(result: dict) -> dict:
@@ -187,7 +225,7 @@ def results_table(results: dict) -> str:
         lines.append(f"| {row['objective']} | {row['steps']} | "
                      f"{number(row['final_loss'], '.4f')} |{extra} "
                      f"{100 * row['linear_probe']:.1f}% | {100 * row['knn']:.1f}% | "
-                     f"{row['train_seconds']:.0f} |")
+                     f"{format_seconds(row['train_seconds'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -89,7 +89,8 @@ def compare_restoration(out_dir: str, *, steps: int | None = None, tiny: bool = 
         rows.append({"objective": label, **pretrain_row, "finetune_steps": finetune_steps,
                      "final_loss": summary.get("loss"), "heldout_psnr": scores["heldout_psnr"],
                      "heldout_l1": scores["heldout_l1"],
-                     "train_seconds": round(seconds + finetune_seconds, 1)})
+                     "train_seconds": (None if None in (seconds, finetune_seconds)
+                                       else round(seconds + finetune_seconds, 1))})
     results = {"suite": "restoration", "dataset": DATASET,
                "model": dataclasses.asdict(identity.model),
                "kinds": list(objectives.get("restore").kinds), "rows": rows}
@@ -108,6 +109,7 @@ def test_size(tiny: bool) -> int:
 
 def restoration_table(results: dict) -> str:
     """A Markdown table: PSNR after fine-tuning per initialisation, pretraining accuracy."""
+    from zoo.compare import format_seconds
     model = results["model"]
     lines = [f"Suite `restoration` on `{results['dataset']}` (degradations: "
              f"{', '.join(results['kinds'])}), ViT `{model['size']}` / patch "
@@ -122,7 +124,7 @@ def restoration_table(results: dict) -> str:
             f"| {row['objective']} | {row['pretrain_steps']} | "
             f"{'-' if accuracy is None else format(accuracy, '.1%')} | "
             f"{row['finetune_steps']} | {row['heldout_psnr']:.2f} dB | "
-            f"{row['heldout_l1']:.4f} | {row['train_seconds']:.0f} |")
+            f"{row['heldout_l1']:.4f} | {format_seconds(row['train_seconds'])} |")
     return "\n".join(lines) + "\n"
 
 

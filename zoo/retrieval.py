@@ -149,6 +149,8 @@ TOWERS = {"pycode_pairs": ("code", "docstring"), "digits_captions": ("image", "c
 
 
 def retrieval_table(results: dict) -> str:
+    """A Markdown table: recall both ways per (dataset, objective), with the training seconds."""
+    from zoo.compare import format_seconds
     model = results["model"]
     lines = [f"Suite `retrieval`, towers of size `{model['size']}`; recall on the held-out "
              "split (a retrieved item equivalent to the true one counts: same digit for "
@@ -162,7 +164,7 @@ def retrieval_table(results: dict) -> str:
         lines.append(f"| {row['dataset']} ({a}->{b}) | {row['objective']} | {row['steps']} | "
                      f"{loss} | {100 * row['a_to_b@1']:.1f}% | {100 * row['a_to_b@5']:.1f}% | "
                      f"{100 * row['b_to_a@1']:.1f}% | {100 * row['b_to_a@5']:.1f}% | "
-                     f"{row['num_pairs']} | {row['train_seconds']:.0f} |")
+                     f"{row['num_pairs']} | {format_seconds(row['train_seconds'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,9 @@
   the pretraining step uses these heads; evaluation reads the backbone).
 * ``ProjectionMLP``: Linear -> BN -> ReLU blocks then a final Linear (SimCLR's projection head,
   BYOL's projector and predictor).
-* ``DinoHead``: DINO's 3-layer GELU MLP, bottleneck, L2 normalisation and a weight-normalised
-  last layer whose norms are fixed to 1 (``norm_last_layer=True``).
+* ``DinoHead``: DINO's 3-layer GELU MLP (optionally with BN after each hidden Linear, the
+  reference's ``use_bn``), bottleneck, L2 normalisation and a weight-normalised last layer whose
+  norms are fixed to 1 (``norm_last_layer=True``).
 """
 from __future__ import annotations
 
