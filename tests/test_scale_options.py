@@ -4,6 +4,7 @@ and on a data=4 x fsdp=2 mesh.)"""
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +209,20 @@ def test_scan_over_layers_gives_the_plain_loss_and_gradients_vit(data_dir):
 @pytest.mark.slow
 def test_scan_over_layers_gives_the_plain_loss_and_gradients_encdec_with_remat(data_dir):
     _scan_matches_plain(T5, "model.remat='full'")
+
+
+@pytest.mark.parametrize("config_path", [MAE, T5], ids=["vit", "encdec"])
+def test_attention_implementations_give_the_same_loss_and_gradients(data_dir, config_path):
+    """model.attention="fused" (jax.nn.dot_product_attention; XLA's kernel on CPU) against the
+    einsum path through the whole step: the encdec case covers masked self- and
+    cross-attention."""
+    for how in ("einsum", "fused"):   # the setting reaches every attention layer, heads' too
+        config = zoo.config.load(config_path, [f"model.attention={how!r}"])
+        found = re.findall(r"'attention_implementation', Static\(value='(\w+)'", repr(
+            zoo.train.build(config).graphdef))
+        assert len(found) >= 2 and set(found) == {how}, found
+    einsum_loss, einsum_grads = _loss_and_grads(config_path, "model.attention='einsum'")
+    fused_loss, fused_grads = _loss_and_grads(config_path, "model.attention='fused'")
+    assert fused_loss == pytest.approx(einsum_loss, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+                 fused_grads, einsum_grads)

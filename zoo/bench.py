@@ -19,12 +19,13 @@ from zoo.flops import compiled_flops, measure_matmul_peak
 
 def mae_bench_config(*, size: str = "S", patch_size: int = 16, batch_size: int = 16,
                      dtype: str = "float32", decoder_width: int = 256, decoder_depth: int = 4,
-                     decoder_heads: int = 8, mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))
-                     ) -> config_lib.Config:
+                     decoder_heads: int = 8, attention: str = "auto",
+                     mesh=(("data", -1), ("fsdp", 1), ("tensor", 1))) -> config_lib.Config:
     """MAE with a ViT-S/16 encoder and a 256x4 (8-head) decoder, norm_pix_loss on: the same
     configuration as the PyTorch peer (shared/peers/peer_mae.py)."""
     return config_lib.validate(config_lib.Config(
-        model=config_lib.ModelConfig(size=size, patch_size=patch_size, dtype=dtype),
+        model=config_lib.ModelConfig(size=size, patch_size=patch_size, dtype=dtype,
+                                     attention=attention),
         objective={"name": "mae", "norm_pix_loss": True, "decoder_width": decoder_width,
                    "decoder_depth": decoder_depth, "decoder_heads": decoder_heads},
         data=config_lib.DataConfig(name="synthetic", batch_size=batch_size),
@@ -91,7 +92,8 @@ def format_result(r: dict, config: config_lib.Config) -> str:
     return "\n".join([
         f"MAE ViT-{config.model.size}/{config.model.patch_size} at {r['image_size']}, decoder "
         f"{config.objective['decoder_width']}x{config.objective['decoder_depth']}, batch "
-        f"{r['batch_size']}, {r['dtype']}, AdamW on {r['device']}",
+        f"{r['batch_size']}, {r['dtype']}, attention {config.model.attention}, AdamW on "
+        f"{r['device']}",
         f"  step time (median)   {r['step_seconds']:.3f} s",
         f"  images/s             {r['images_per_second']:.1f}",
         f"  model GFLOP/step     {r['model_gflops_per_step']:.1f}  (XLA counts {xla})",

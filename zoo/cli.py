@@ -61,11 +61,13 @@ def _compare(args) -> None:
 
 
 def _peak(args) -> None:
+    import jax
     import jax.numpy as jnp
     from zoo.flops import measure_matmul_peak
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     peak = measure_matmul_peak(args.size, dtype)
-    print(f"matmul peak ({args.size}x{args.size}, {args.dtype}): {peak / 1e9:.1f} GFLOP/s")
+    size = args.size or ("2048" if jax.devices()[0].platform == "cpu" else "8192")
+    print(f"matmul peak ({size}x{size}, {args.dtype}): {peak / 1e9:.1f} GFLOP/s")
 
 
 def _bench(args) -> None:
@@ -82,7 +84,9 @@ def _bench(args) -> None:
     from zoo.bench import bench_mae, bench_text
     if args.what == "mae":
         bench_mae(size=args.size or "S", image_size=args.image_size,
-                  batch_size=args.batch_size or 16, dtype=args.dtype, steps=args.steps or 5)
+                  batch_size=args.batch_size or 16, dtype=args.dtype, steps=args.steps or 5,
+                  decoder_width=args.decoder_width, decoder_depth=args.decoder_depth,
+                  decoder_heads=args.decoder_heads, attention=args.attention)
     else:
         bench_text(args.what, size=args.size or "B", batch_size=args.batch_size or 16,
                    seq_len=args.seq_len, dtype=args.dtype, steps=args.steps or 3,
@@ -130,7 +134,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("peak", help="measure the matmul peak of this device")
-    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--size", type=int, default=None,
+                   help="matrix side (default: 2048 on CPU, 8192 on an accelerator)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.set_defaults(func=_peak)
 
@@ -142,6 +147,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=None, help="default 16")
     p.add_argument("--seq-len", type=int, default=128, help="text: tokens per row")
+    p.add_argument("--decoder-width", type=int, default=256,
+                   help="mae: decoder width (the MAE paper's ViT-B/L use 512)")
+    p.add_argument("--decoder-depth", type=int, default=4, help="mae: decoder blocks (paper: 8)")
+    p.add_argument("--decoder-heads", type=int, default=8, help="mae: decoder heads (paper: 16)")
+    p.add_argument("--attention", default="auto", choices=("auto", "einsum", "fused"),
+                   help="mae: model.attention (auto: cuDNN's fused kernel on GPU with bf16)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--steps", type=int, default=None, help="timed steps (mae 5, text 3)")
     p.add_argument("--no-precorrupted", dest="vs_precorrupted", action="store_false",

@@ -21,6 +21,7 @@ from zoo.mesh import DEFAULT_RULES
 
 NONFINITE_POLICIES = ("skip", "stop")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_batch")
+ATTENTIONS = ("auto", "einsum", "fused")  # zoo.models.layers.ATTENTION_IMPLEMENTATIONS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -41,6 +42,8 @@ class ModelConfig:
     remat: str = "none"           # rematerialise each Transformer block in the backward pass:
                                   # "none" | "full" (keep only block inputs) | "dots" (keep
                                   # matmul outputs without batch dims) | "dots_with_batch"
+    attention: str = "auto"       # "einsum" | "fused" (jax.nn.dot_product_attention; cuDNN
+                                  # on GPU) | "auto" (fused on GPU with 16-bit compute)
     scan_layers: bool = False     # stack the blocks' parameters and lax.scan over them (one
                                   # block compiled; changes the checkpoint layout)
 
@@ -115,7 +118,7 @@ class Config:
 
 # Fields that may change between runs in one workdir (they do not change what a step computes).
 RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "progress",
-                    "peak_flops", "probe", "data.data_dir", "model.remat",
+                    "peak_flops", "probe", "data.data_dir", "model.remat", "model.attention",
                     "optim.grad_accum_steps")
 
 
@@ -130,6 +133,8 @@ def validate(config: Config) -> Config:
     subword.parse(config.data.tokenizer)
     if m.remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat: unknown {m.remat!r}; allowed: {REMAT_POLICIES}")
+    if m.attention not in ATTENTIONS:
+        raise ValueError(f"model.attention: unknown {m.attention!r}; allowed: {ATTENTIONS}")
     if o.grad_accum_steps <= 0:
         raise ValueError(f"optim.grad_accum_steps: must be >= 1, got {o.grad_accum_steps}")
     if config.data.batch_size % o.grad_accum_steps:

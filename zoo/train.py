@@ -38,6 +38,7 @@ from zoo import spike as spike_lib
 from zoo.checkpoint import Checkpointer
 from zoo.flops import measure_matmul_peak, train_step_flops
 from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
+from zoo.models.layers import set_attention
 from zoo.metric_writer import MetricWriter, read_metrics
 from zoo.optim import make_optimizer
 from zoo.preemption import PreemptionWatcher
@@ -171,13 +172,18 @@ def model_posemb(config: config_lib.Config, objective: objectives.Objective,
 
 def create_model(config: config_lib.Config, objective: objectives.Objective, data_spec,
                  rngs: nnx.Rngs) -> zoo.models.PretrainModel:
-    """Backbone from ``config.model`` plus the objective's heads (unsharded; see ``init_state``)."""
+    """Backbone from ``config.model`` plus the objective's heads (unsharded; see ``init_state``);
+    every attention layer, heads' too, uses ``config.model.attention``."""
     if objective.modality == "mixture":
         from zoo.mixture import create_mixture_model
-        return create_mixture_model(config, objective, data_spec, rngs)
-    encoder = create_backbone(config, objective, data_spec, rngs)
-    dtype = config_lib.DTYPES[config.model.dtype]
-    return zoo.models.PretrainModel(encoder, objective.make_heads(encoder, rngs=rngs, dtype=dtype))
+        model = create_mixture_model(config, objective, data_spec, rngs)
+    else:
+        encoder = create_backbone(config, objective, data_spec, rngs)
+        dtype = config_lib.DTYPES[config.model.dtype]
+        model = zoo.models.PretrainModel(
+            encoder, objective.make_heads(encoder, rngs=rngs, dtype=dtype))
+    set_attention(model, config.model.attention)
+    return model
 
 
 def create_backbone(config: config_lib.Config, objective: objectives.Objective, data_spec,

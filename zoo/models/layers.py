@@ -5,6 +5,7 @@ axes. ``dtype`` is the compute dtype (e.g. bfloat16); parameters are always floa
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -49,30 +50,105 @@ def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNor
             rngs=rngs)
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection (bias on, as MAE's qkv_bias=True)."""
+# How attention is computed (``model.attention``); every choice gives the same values up to
+# rounding:
+#   "einsum": scores, softmax and weighted sum as separate ops in a heads-major layout (on
+#             XLA:CPU ~10% faster for the whole MAE step than jax.nn.dot_product_attention's
+#             [B, L, H, D] einsums; bench_mae),
+#   "fused":  jax.nn.dot_product_attention, with cuDNN's fused (flash) kernel on GPU,
+#   "auto":   "fused" on GPU with 16-bit compute and no mask, "einsum" otherwise.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "fused")
 
-    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+
+def resolve_attention(implementation: str, dtype, masked: bool) -> str:
+    """"einsum" or "fused" for this trace (``auto`` looks at the default backend)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention: unknown {implementation!r}; allowed: "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "fused" if on_gpu and half and not masked else "einsum"
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     mask: jax.Array | None) -> jax.Array:
+    """Softmax attention over heads-major [B, H, L, D] queries and [B, H, S, D] keys/values ->
+    [B, H, L, D]; ``mask`` (optional, bool, broadcastable to [B, H, L, S]) is True where
+    allowed. Scores and softmax are in float32 whatever the compute dtype."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q * q.shape[-1]**-0.5, k).astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    mask: jax.Array | None) -> jax.Array:
+    """The same over [B, L, H, D] layouts through jax.nn.dot_product_attention: cuDNN's fused
+    kernel on GPU where it takes the shapes, XLA's otherwise.
+
+    cuDNN refuses odd sequence lengths when training (e.g. ViT-B/16's 197 tokens), so an
+    unmasked odd-length call is padded by one zero token and the padding is masked out through
+    the kernel's sequence lengths; the extra query row is dropped."""
+    if jax.default_backend() == "gpu":
+        try:
+            return _cudnn_attention(q, k, v, mask)
+        except NotImplementedError as why:
+            logging.getLogger(__name__).info("attention %s x %s: XLA, not cuDNN (%s)",
+                                             q.shape, k.shape, why)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def _cudnn_attention(q, k, v, mask, implementation="cudnn"):
+    """(``implementation`` "xla" runs the same padding on any backend, for tests.)"""
+    batch, length, source = q.shape[0], q.shape[1], k.shape[1]
+    if mask is not None or (length % 2 == 0 and source % 2 == 0):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))  # noqa: E731
+    out = jax.nn.dot_product_attention(
+        pad(q), pad(k), pad(v), implementation=implementation,
+        query_seq_lengths=jnp.full((batch,), length, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), source, jnp.int32))
+    return out[:, :length]
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (bias on, as MAE's qkv_bias=True).
+
+    ``implementation`` is one of ATTENTION_IMPLEMENTATIONS (``set_attention`` changes it for a
+    whole model)."""
+
+    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 implementation: str = "auto"):
         if width % num_heads:
             raise ValueError(f"attention: width {width} is not divisible by heads {num_heads}")
         self.num_heads = num_heads
+        self.attention_implementation = implementation
         self.qkv = dense(width, 3 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
         self.proj = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """``mask`` (optional, bool, broadcastable to [B, heads, L, L]) is True where allowed."""
         batch, length, width = x.shape
-        head_dim = width // self.num_heads
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
-        # Heads-major layout [3, B, H, L, D]: on XLA:CPU this is ~10% faster for the whole MAE
-        # step than jax.nn.dot_product_attention's [B, L, H, D] einsums (bench_mae).
-        q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-        return self.proj(jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, width))
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
+        how = resolve_attention(self.attention_implementation, qkv.dtype, mask is not None)
+        if how == "fused":
+            out = fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
+        else:
+            # One transpose to heads-major [3, B, H, L, D] (see ATTENTION_IMPLEMENTATIONS).
+            out = einsum_attention(*jnp.transpose(qkv, (2, 0, 3, 1, 4)), mask)
+            out = jnp.transpose(out, (0, 2, 1, 3))
+        return self.proj(out.reshape(batch, length, width))
+
+
+def set_attention(model: nnx.Module, implementation: str) -> None:
+    """Sets ``implementation`` on every attention module of ``model`` (in place)."""
+    resolve_attention(implementation, jnp.float32, False)  # validates the name
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "attention_implementation"):
+            module.attention_implementation = implementation
 
 
 class Mlp(nnx.Module):

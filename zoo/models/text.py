@@ -22,7 +22,7 @@ from flax import nnx
 
 from zoo.mesh import shard_activation
 from zoo.models.layers import (Attention, Block, Mlp, ScannedBlocks, call_block, dense,
-                               layer_norm, param)
+                               fused_attention, layer_norm, param, resolve_attention)
 from zoo.models.posemb import sincos_1d
 from zoo.text import PAD
 
@@ -144,8 +144,10 @@ class TextTransformer(nnx.Module):
 class CrossAttention(nnx.Module):
     """Queries from the decoder, keys and values from the encoder's output (T5's EncDecAttn)."""
 
-    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 implementation: str = "auto"):
         self.num_heads = num_heads
+        self.attention_implementation = implementation  # layers.ATTENTION_IMPLEMENTATIONS
         self.q = dense(width, width, ("embed", "heads"), rngs=rngs, dtype=dtype)
         self.kv = dense(width, 2 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
         self.proj = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
@@ -155,11 +157,15 @@ class CrossAttention(nnx.Module):
         heads, head_dim = self.num_heads, width // self.num_heads
         q = self.q(x).reshape(batch, length, heads, head_dim)
         k, v = jnp.moveaxis(self.kv(memory).reshape(batch, -1, 2, heads, head_dim), 2, 0)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
-        return self.proj(out)
+        how = resolve_attention(self.attention_implementation, q.dtype, mask is not None)
+        if how == "fused":
+            out = fused_attention(q, k, v, mask)
+        else:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.proj(out.reshape(batch, length, width))
 
 
 class DecoderBlock(nnx.Module):
