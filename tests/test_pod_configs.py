@@ -279,7 +279,7 @@ def test_install_copies_the_checkout_and_installs_jax_tpu_on_every_worker(fake_p
     assert {"pyproject.toml", "tpu/worker.sh", "experiments/pod_t5_base_c4.py"} <= names
     assert "--worker=all" in setup and "--worker=all" in check
     command = [a for a in setup if a.startswith("--command=")][0]
-    assert "uv pip install" in command and "-e $HOME/zoo" in command
+    assert "uv pip install" in command and "-e $HOME/zoo\\[gcs\\]" in command
     assert "jax\\[tpu\\]" in command and "--python 3.11" in command
     run("install.sh", REPO_URL="https://example.invalid/zoo.git", CHECK="0")
     (clone,) = calls()[3:]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs zoo on every worker of the slice: the code into ~/zoo, a Python 3.11 environment
-# in ~/zoo-venv with `pip install -e ~/zoo "jax[tpu]"`, then checks that JAX sees every chip.
+# in ~/zoo-venv with `pip install -e "~/zoo[gcs]" "jax[tpu]"` (the gcs extra: gs:// workdirs),
+# then checks that JAX sees every chip.
 # Run it again after changing the code (it replaces ~/zoo; the environment is reused).
 #
 # Usage: [TPU_NAME=zoo-pod] [ZONE=...] [PROJECT=...] [REPO_URL=https://...git [REPO_REF=main]]
@@ -44,7 +45,7 @@ setup="set -e; $fetch
 python3 -m pip install --user --quiet --upgrade uv
 export PATH=\$HOME/.local/bin:\$PATH
 [ -x $venv/bin/python ] || uv venv --quiet --python $(quote "$PYTHON_VERSION") $venv
-uv pip install --quiet --python $venv/bin/python -e $code $(quote "$JAX_SPEC")
+uv pip install --quiet --python $venv/bin/python -e $code\[gcs\] $(quote "$JAX_SPEC")
 echo \"\$(hostname): zoo installed in $venv\""
 on_workers all "$setup"
 

@@ -5,15 +5,15 @@ a save leaves the previous checkpoint as the latest complete one.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from zoo import storage
 
 
 class NonFiniteParamsError(RuntimeError):
@@ -58,10 +58,11 @@ def _stored_fields(state: Any) -> Any:
 
 
 class Checkpointer:
-    """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
+    """Keeps the last ``keep`` checkpoints of a run under ``directory`` (a local path or a
+    bucket URI such as ``gs://bucket/run/checkpoints``)."""
 
     def __init__(self, directory: str, keep: int = 3, *, create: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         # cleanup_tmp_directories: a write killed half-way leaves a ``N.orbax-checkpoint-tmp``
         # dir, never a ``N`` dir; the next writer removes the leftovers.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
@@ -113,14 +114,9 @@ class Checkpointer:
             raise CheckpointWriteError(self._failure(step, reason))
 
     def _local_problem(self, state: Any) -> str | None:
-        probe = os.path.join(self.directory, f".write_probe_{uuid.uuid4().hex}")
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"0")
-            os.remove(probe)
-        except OSError as error:
-            return error.strerror or str(error)
+        problem = storage.writable_problem(self.directory)
+        if problem is not None or storage.is_remote(self.directory):
+            return problem          # a bucket has no free-space figure to check
         needed = local_state_bytes(state) + _SAVE_MARGIN_BYTES
         free = shutil.disk_usage(self.directory).free
         if free < needed:
@@ -132,9 +128,9 @@ class Checkpointer:
         """Deletes this save's half-written ``<step>.orbax-checkpoint-tmp*`` dirs (never a
         complete step dir: those are only ever created by orbax's final rename)."""
         prefix = f"{step}.orbax-checkpoint-tmp"
-        for name in os.listdir(self.directory):
+        for name in storage.listdir(self.directory):
             if name.startswith(prefix):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                storage.remove_tree(storage.join(self.directory, name))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores onto ``abstract_state``'s shapes and shardings (ShapeDtypeStructs)."""

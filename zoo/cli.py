@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 
@@ -26,11 +25,11 @@ def _pretrain(args) -> None:
 
 def _load_workdir_config(workdir: str):
     from zoo import config as config_lib
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    from zoo import storage
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise ValueError(f"--workdir: {workdir!r} has no config.json (not a zoo run)")
-    with open(path) as f:
-        return config_lib.validate(config_lib.from_dict(json.load(f)))
+    return config_lib.validate(config_lib.from_dict(json.loads(storage.read_text(path))))
 
 
 def _probe(args) -> None:
@@ -44,8 +43,9 @@ def _probe(args) -> None:
               f"k-NN {100 * scores['knn']:.1f}%  (step {scores['step']})")
     import jax
     if jax.process_index() == 0:
-        with open(os.path.join(args.workdir, "probe.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        from zoo import storage
+        storage.write_text_atomically(storage.join(args.workdir, "probe.json"),
+                                      json.dumps(result, indent=2))
 
 
 def _compare(args) -> None:

@@ -35,6 +35,7 @@ import zoo.models
 import zoo.text
 from zoo import config as config_lib
 from zoo import spike as spike_lib
+from zoo import storage
 from zoo.checkpoint import Checkpointer
 from zoo.flops import measure_matmul_peak, train_step_flops
 from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
@@ -356,11 +357,10 @@ def with_encoder_from(workdir: str, experiment: Experiment, params, *, field: st
     """A copy of the parameter tree ``params`` (this experiment's structure, sharded like its
     params) whose ``encoder`` leaves come from ``workdir``'s latest checkpoint; errors name
     ``field``."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise ValueError(f"{field}: {workdir!r} has no config.json (not a zoo workdir)")
-    with open(path) as f:
-        source_config = config_lib.from_dict(json.load(f))
+    source_config = config_lib.from_dict(json.loads(storage.read_text(path)))
     source = build(source_config, devices=list(experiment.mesh.devices.flat))
     source_state, _ = restore_or_init(source, workdir, purpose="initialise from")
     wanted = dict(leaves_by_path(params["encoder"]))
@@ -394,9 +394,9 @@ def restore_or_init(experiment: Experiment, workdir: str | None, *,
     """(state, step) of ``workdir``'s latest checkpoint, read-only; a random init if None."""
     if workdir is None:
         return init_state(experiment), 0
-    directory = os.path.join(workdir, "checkpoints")
+    directory = storage.join(workdir, "checkpoints")
     step = None
-    if os.path.isdir(directory):
+    if storage.isdir(directory):
         checkpointer = Checkpointer(directory, create=False)
         step = checkpointer.latest_step()
         if step is not None:
@@ -612,10 +612,8 @@ class NonFiniteLossError(RuntimeError):
 def completed_checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the complete checkpoints in a workdir (orbax renames a step dir into place only
     once it is fully written, so half-written ones are not listed)."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    directory = storage.join(workdir, "checkpoints")
+    return sorted(int(name) for name in storage.listdir(directory) if name.isdigit())
 
 
 def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: bool = True):
@@ -664,8 +662,9 @@ def check_workdir(workdir: str, config: config_lib.Config) -> None:
     A ``config.json`` without checkpoints (a run that failed before its first checkpoint) is
     replaced by the new run's.
     """
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(workdir) and not os.access(workdir, os.W_OK):
+    path = storage.join(workdir, "config.json")
+    if (not storage.is_remote(workdir) and os.path.exists(workdir)
+            and not os.access(workdir, os.W_OK)):
         raise ValueError(f"workdir: {workdir!r} is not writable")
     steps = completed_checkpoint_steps(workdir)
     if not steps:
@@ -673,12 +672,11 @@ def check_workdir(workdir: str, config: config_lib.Config) -> None:
     if steps[-1] > config.steps:
         raise ValueError(f"steps: {config.steps} is below the latest checkpoint's step "
                          f"{steps[-1]} in {workdir!r}")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise ValueError(f"workdir: {workdir!r} has checkpoints but no config.json; "
                          "use a new --workdir")
     try:
-        with open(path) as f:
-            old = json.load(f)
+        old = json.loads(storage.read_text(path))
     except json.JSONDecodeError:
         raise ValueError(f"workdir: {workdir!r} has an unreadable config.json") from None
     if old.get("steps") != config.steps:
@@ -722,10 +720,7 @@ def peak_flops(config: config_lib.Config, mesh: jax.sharding.Mesh) -> float:
 
 
 def _write_json_atomically(path: str, value) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_text_atomically(path, json.dumps(value, indent=2))
 
 
 def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None,
@@ -734,7 +729,8 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
 
     Args:
       config: a validated ``zoo.config.Config``.
-      workdir: holds ``config.json``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/``.
+      workdir: holds ``config.json``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/``; a local
+        folder or a bucket URI (``gs://bucket/run``: what a pod's workers all see).
       stop_at: stop after this step as if preempted (a checkpoint is written there).
 
     SIGTERM (preemption) makes the run checkpoint at the next step boundary and return with
@@ -748,10 +744,11 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
     experiment = build(config, devices=devices)
     check_workdir(workdir, config)
     try:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
     except OSError as error:
-        raise ValueError(f"workdir: cannot create {workdir!r}: {error.strerror}") from None
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+        raise ValueError(f"workdir: cannot create {workdir!r}: "
+                         f"{error.strerror or error}") from None
+    checkpointer = Checkpointer(storage.join(workdir, "checkpoints"), config.keep_checkpoints)
     attach_tokenizer(experiment, workdir)
     batches = make_batches(experiment)
     latest = checkpointer.latest_step()
@@ -767,7 +764,7 @@ def train(config: config_lib.Config, workdir: str, *, stop_at: int | None = None
         if getattr(experiment.objective, "teacher_workdir", None):
             state = teacher_from(experiment.objective.teacher_workdir, experiment, state)
     if jax.process_index() == 0:   # the steps field may have grown; everything else matches
-        _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_dict(config))
+        _write_json_atomically(storage.join(workdir, "config.json"), config_lib.to_dict(config))
     start = int(state.step)
     step_fns = {}   # one compiled step per mixture phase (one in all for a single objective)
 

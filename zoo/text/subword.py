@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Iterable
 
 import numpy as np
 
+from zoo import storage
 from zoo.text.tokenizer import BOS, BYTE_OFFSET, EOS, MASK, NUM_SENTINELS, PAD, decode_ids
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,9 @@ def tokenizer_for(data_config, workdir: str | None = None):
     kind, pieces = parse(data_config.tokenizer)
     if kind == "byte":
         return ByteTokenizer()
-    path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            saved = SubwordTokenizer.from_json(f.read())
+    path = storage.join(workdir, TOKENIZER_FILE) if workdir else None
+    if path and storage.exists(path):
+        saved = SubwordTokenizer.from_json(storage.read_text(path))
         if saved.num_pieces != pieces:
             raise ValueError(f"data.tokenizer: {data_config.tokenizer!r}, but {path} holds "
                              f"{saved.num_pieces} pieces; use a new --workdir")
@@ -153,9 +152,6 @@ def tokenizer_for(data_config, workdir: str | None = None):
     log.info("training a %d-piece byte-level BPE on %s (first %d characters)", pieces,
              data_config.name, TRAIN_CHARS)
     tokenizer = train_bpe(corpus_texts(data_config), pieces, max_chars=TRAIN_CHARS)
-    if path:
-        temporary = f"{path}.tmp-{os.getpid()}"
-        with open(temporary, "w") as f:
-            f.write(tokenizer.to_json())
-        os.replace(temporary, path)   # complete or absent, never half-written
+    if path:   # complete or absent, never half-written
+        storage.write_text_atomically(path, tokenizer.to_json())
     return tokenizer
