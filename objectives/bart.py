@@ -31,7 +31,8 @@ Differences from fairseq, all deliberate:
   last content tokens may be masked, insertions may land at either end and rotation moves every
   content token (fairseq protects its ``<bos>`` and ``<eos>``).
 * Sentences end at a boundary token, by default the newline byte (``NEWLINE``: source code has
-  lines, not full stops); fairseq uses the full stop (gpt2 bpe) or ``<eos>``.
+  lines, not full stops); fairseq uses the full stop (gpt2 bpe) or ``<eos>``. With a subword
+  tokenizer a sentence ends at a piece that holds a newline (its token flags).
 * Rotation offsets are uniform in ``[1, n-1]`` for ``n`` content tokens, so a rotated row always
   changes when ``n >= 2``; fairseq's offset also yields the identity with probability ``2/(n+1)``.
 * Random replacement tokens are bytes (fairseq draws any id in ``[1, vocab)``, specials too).
@@ -57,6 +58,7 @@ import numpy as np
 
 from objectives.text_base import Seq2SeqObjective
 from zoo.text import BYTE_OFFSET, MASK, NUM_SENTINELS, PAD, ByteTokenizer
+from zoo.text.tokenizer import ENDS_WITH_SPACE, HAS_NEWLINE, STARTS_WITH_SPACE
 
 NEWLINE = BYTE_OFFSET + ord("\n")   # default sentence boundary: the newline byte
 MAX_SPAN = 128                      # fairseq's span-length table covers 0..127
@@ -185,24 +187,31 @@ def _random_token(u: jax.Array, num_random_tokens: int = 256) -> jax.Array:
                                      num_random_tokens - 1).astype(jnp.int32)
 
 
-def word_starts(tokens: jax.Array, length, *, mask_whole_word: bool) -> jax.Array:
+def word_starts(tokens: jax.Array, length, *, mask_whole_word: bool,
+                flags: jax.Array | None = None) -> jax.Array:
     """bool [L]: where a word begins among the first ``length`` tokens.
 
     Without ``mask_whole_word`` every content token is a word (fairseq's default). With it, a
     word is a maximal run of non-whitespace bytes and each whitespace byte is a word of its own
-    (the convention of ``objectives/mlm.py``), so masks extend to cover whole words.
+    (the convention of ``objectives/mlm.py``), so masks extend to cover whole words. Subword
+    pieces (``flags``: their ``zoo.text.tokenizer`` flags) start a word when they begin with
+    whitespace or follow a piece that ends with it.
     """
     valid = jnp.arange(tokens.shape[0]) < length
     if not mask_whole_word:
         return valid
-    space = ByteTokenizer().is_whitespace(tokens)
-    previous = jnp.concatenate([jnp.ones((1,), bool), space[:-1]])
+    if flags is None:
+        begins = ends = ByteTokenizer().is_whitespace(tokens)
+    else:
+        begins = (flags & STARTS_WITH_SPACE) != 0
+        ends = (flags & ENDS_WITH_SPACE) != 0
+    previous = jnp.concatenate([jnp.ones((1,), bool), ends[:-1]])
     first = jnp.arange(tokens.shape[0]) == 0
-    return valid & (first | space | previous)
+    return valid & (first | begins | previous)
 
 
 def sentence_permutation(tokens: jax.Array, length, rng: jax.Array, *, ratio: float,
-                         boundary: int = NEWLINE) -> jax.Array:
+                         boundary: int = NEWLINE, flags: jax.Array | None = None):
     """fairseq ``permute_sentences``: shuffle ``ceil(S * ratio)`` of the ``S`` sentences.
 
     A sentence ends with the first ``boundary`` token of each run of boundary tokens (later
@@ -210,13 +219,20 @@ def sentence_permutation(tokens: jax.Array, length, rng: jax.Array, *, ratio: fl
     ``length`` whether or not it ends with a boundary. A random subset of ``ceil(S * ratio)``
     sentences is permuted uniformly among its own slots; the others stay put.
 
+    With subword pieces (``flags``), the boundary tokens are the pieces holding a newline
+    (``HAS_NEWLINE``; ``boundary`` is not used) and the flags move with their tokens.
+
     Returns:
-      int32 [L]: the same tokens, sentences reordered; padding untouched.
+      int32 [L]: the same tokens, sentences reordered; padding untouched. With ``flags``:
+      ``(tokens, flags)``, both reordered.
     """
     size = tokens.shape[0]
     i = jnp.arange(size, dtype=jnp.int32)
     valid = i < length
-    is_boundary = (tokens == boundary) & valid
+    if flags is None:
+        is_boundary = (tokens == boundary) & valid
+    else:
+        is_boundary = ((flags & HAS_NEWLINE) != 0) & valid
     prev_boundary = jnp.concatenate([jnp.zeros((1,), bool), is_boundary[:-1]])
     ends = is_boundary & ~prev_boundary & (i < length - 1)
     starts = valid & ((i == 0) | jnp.concatenate([jnp.zeros((1,), bool), ends[:-1]]))
@@ -239,7 +255,10 @@ def sentence_permutation(tokens: jax.Array, length, rng: jax.Array, *, ratio: fl
     out_start = jnp.cumsum(out_len) - out_len                  # start of each output slot
     target = out_start[slot_of[sid]] + (i - seg_start[sid])
     target = jnp.where(valid, target, i)
-    return jnp.zeros_like(tokens).at[target].set(tokens)
+    permuted = jnp.zeros_like(tokens).at[target].set(tokens)
+    if flags is None:
+        return permuted
+    return permuted, jnp.zeros_like(flags).at[target].set(flags)
 
 
 def span_plan(rng: jax.Array, num_to_mask, *, max_to_mask: int,
@@ -354,7 +373,8 @@ def insertion_noise(tokens: jax.Array, length, rng: jax.Array, *, insert_ratio: 
 def whole_word_mask(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio: float,
                     poisson_lambda: float | None = 3.0, random_ratio: float = 0.0,
                     replace_length: int = 1, mask_whole_word: bool = False,
-                    max_mask_inserts: int | None = None, num_random_tokens: int = 256):
+                    max_mask_inserts: int | None = None, num_random_tokens: int = 256,
+                    flags: jax.Array | None = None):
     """fairseq ``add_whole_word_mask``: text infilling, token masking or token deletion.
 
     ``num_to_mask = ceil(W * mask_ratio)`` for the ``W`` words of the row; span lengths (in
@@ -370,7 +390,7 @@ def whole_word_mask(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio: fl
     budget = mask_insert_budget(size, mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
                                 max_mask_inserts=max_mask_inserts)
     rng_plan, rng_spans, rng_insert = jax.random.split(rng, 3)
-    ws = word_starts(tokens, length, mask_whole_word=mask_whole_word)
+    ws = word_starts(tokens, length, mask_whole_word=mask_whole_word, flags=flags)
     num_to_mask = ceil_ratio(ws.sum(dtype=jnp.int32), mask_ratio)
     lengths, inserts = span_plan(rng_plan, num_to_mask, max_to_mask=ceil_ratio(size, mask_ratio),
                                  poisson_lambda=poisson_lambda, max_inserts=budget)
@@ -432,8 +452,10 @@ def bart_noise_example(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio:
                        permute_sentences: float = 1.0, insert_ratio: float = 0.0,
                        rotate_ratio: float = 0.0, replace_length: int = 1,
                        mask_whole_word: bool = False, boundary: int = NEWLINE,
-                       max_mask_inserts: int | None = None, num_random_tokens: int = 256):
-    """One row of :func:`bart_noise`: ``tokens [L]`` with ``length`` content tokens.
+                       max_mask_inserts: int | None = None, num_random_tokens: int = 256,
+                       flags: jax.Array | None = None):
+    """One row of :func:`bart_noise`: ``tokens [L]`` with ``length`` content tokens (and, for
+    subword pieces, their token ``flags [L]``).
 
     ``rng`` is split in 4, one key per step in fairseq's order: sentence permutation, span
     masking, insertion noise, rotation (a step switched off leaves its key unused).
@@ -444,8 +466,9 @@ def bart_noise_example(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio:
            rotate_ratio, replace_length)
     rng_permute, rng_mask, rng_insert, rng_rotate = jax.random.split(rng, 4)
     if permute_sentences > 0:
-        tokens = sentence_permutation(tokens, length, rng_permute, ratio=permute_sentences,
-                                      boundary=boundary)
+        permuted = sentence_permutation(tokens, length, rng_permute, ratio=permute_sentences,
+                                        boundary=boundary, flags=flags)
+        tokens, flags = permuted if flags is not None else (permuted, None)
     if mask_ratio > 0:
         tokens, length = whole_word_mask(tokens, length, rng_mask, mask_ratio=mask_ratio,
                                          poisson_lambda=poisson_lambda,
@@ -453,7 +476,7 @@ def bart_noise_example(tokens: jax.Array, length, rng: jax.Array, *, mask_ratio:
                                          replace_length=replace_length,
                                          mask_whole_word=mask_whole_word,
                                          max_mask_inserts=max_mask_inserts,
-                                         num_random_tokens=num_random_tokens)
+                                         num_random_tokens=num_random_tokens, flags=flags)
     if insert_ratio > 0:
         tokens, length = insertion_noise(tokens, length, rng_insert, insert_ratio=insert_ratio,
                                          random_ratio=random_ratio,
@@ -468,7 +491,8 @@ def bart_noise(tokens: jax.Array, rng: jax.Array, *, mask_ratio: float = 0.3,
                permute_sentences: float = 1.0, insert_ratio: float = 0.0,
                rotate_ratio: float = 0.0, replace_length: int = 1,
                mask_whole_word: bool = False, boundary: int = NEWLINE,
-               max_mask_inserts: int | None = None, num_random_tokens: int = 256):
+               max_mask_inserts: int | None = None, num_random_tokens: int = 256,
+               flags: jax.Array | None = None):
     """BART's source corruption of a batch, on device, in fairseq's order.
 
     Sentence permutation, then span masking (text infilling / token masking / deletion), then
@@ -490,6 +514,8 @@ def bart_noise(tokens: jax.Array, rng: jax.Array, *, mask_ratio: float = 0.3,
       mask_whole_word: spans cover whole words (letter runs / single whitespace bytes).
       boundary: the token that ends a sentence (default the newline byte).
       max_mask_inserts: cap on zero-length spans per row (default: a 1e-12 tail bound).
+      flags: uint8 [B, L] token flags of subword pieces (lines and words for
+        ``permute_sentences`` and ``mask_whole_word``); None reads them off byte ids.
       num_random_tokens: random tokens are drawn uniformly from the ordinary ids
         ``BYTE_OFFSET .. BYTE_OFFSET + num_random_tokens - 1`` (256 bytes; a subword
         tokenizer's pieces: ``vocab_size - 107``), as fairseq draws over its dictionary.
@@ -506,7 +532,10 @@ def bart_noise(tokens: jax.Array, rng: jax.Array, *, mask_ratio: float = 0.3,
         mask_whole_word=mask_whole_word, boundary=boundary, max_mask_inserts=max_mask_inserts,
         num_random_tokens=num_random_tokens)
     lengths = (tokens != PAD).sum(axis=1, dtype=jnp.int32)
-    return jax.vmap(noise)(tokens, lengths, jax.random.split(rng, tokens.shape[0]))
+    keys = jax.random.split(rng, tokens.shape[0])
+    if flags is None:
+        return jax.vmap(noise)(tokens, lengths, keys)
+    return jax.vmap(lambda t, n, k, f: noise(t, n, k, flags=f))(tokens, lengths, keys, flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,5 +586,9 @@ class BART(Seq2SeqObjective):
         return {"encoder": length, "decoder": seq_len}
 
     def corrupt(self, tokens, rng):
-        inputs, _ = bart_noise(tokens, rng, **self.noise_kwargs())
+        flags = None
+        if self.permute_sentences > 0 or self.mask_whole_word:
+            field = "permute_sentences" if self.permute_sentences > 0 else "mask_whole_word"
+            flags = self.flags_of(tokens, field=field)
+        inputs, _ = bart_noise(tokens, rng, flags=flags, **self.noise_kwargs())
         return inputs, tokens

@@ -41,6 +41,7 @@ from zoo.models.text import text_forward_flops
 
 from zoo.text import (BYTE_OFFSET, MASK, NUM_SENTINELS, PAD, VOCAB_SIZE, ByteTokenizer,
                       is_special)
+from zoo.text.tokenizer import ENDS_WITH_SPACE, STARTS_WITH_SPACE
 
 SELECTIONS = ("exact", "bernoulli")
 
@@ -122,28 +123,36 @@ def take_in_order(lengths: jax.Array, eligible: jax.Array, budget: jax.Array) ->
     return taken
 
 
-def word_ids(tokens: jax.Array, candidates: jax.Array) -> tuple[jax.Array, jax.Array]:
+def word_ids(tokens: jax.Array, candidates: jax.Array,
+             flags: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Words for whole-word masking over the last axis.
 
     A word is a maximal run of non-whitespace candidate tokens; each whitespace byte is a word of
-    its own; non-candidates (special tokens) belong to no word and split words.
+    its own; non-candidates (special tokens) belong to no word and split words. With subword
+    pieces (``flags``: ``zoo.text.tokenizer`` token flags of ``tokens``) a word starts at a
+    piece that begins with whitespace or follows one that ends with it, so a whitespace-only
+    piece is a word of its own, as a whitespace byte is.
 
     Returns:
       ``(ids, num_words)``: int32 word index of every candidate (``L`` at non-candidates) and the
       number of words per row.
     """
     length = tokens.shape[-1]
-    space = ByteTokenizer().is_whitespace(tokens) & candidates
+    if flags is None:
+        begins = ends = ByteTokenizer().is_whitespace(tokens) & candidates
+    else:
+        begins = (flags & STARTS_WITH_SPACE) != 0
+        ends = ((flags & ENDS_WITH_SPACE) != 0) & candidates
 
     def previous(x):
         return jnp.concatenate([jnp.zeros_like(x[..., :1]), x[..., :-1]], axis=-1)
 
-    starts = candidates & (~previous(candidates) | space | previous(space))
+    starts = candidates & (~previous(candidates) | begins | previous(ends))
     ids = jnp.cumsum(starts, axis=-1, dtype=jnp.int32) - 1
     return jnp.where(candidates, ids, length), starts.sum(axis=-1, dtype=jnp.int32)
 
 
-def _select_row(tokens, candidates, rng, *, counts, rate, selection, max_predictions,
+def _select_row(tokens, candidates, rng, flags, *, counts, rate, selection, max_predictions,
                 whole_word):
     """bool [L]: the positions one row predicts (at most ``max_predictions``)."""
     length = tokens.shape[0]
@@ -157,7 +166,7 @@ def _select_row(tokens, candidates, rng, *, counts, rate, selection, max_predict
         if selection == "bernoulli":
             eligible = eligible & (jax.random.uniform(rng_draw, (length,)) < rate)
         return random_subset(eligible, budget, rng_order)
-    ids, num_words = word_ids(tokens, candidates)
+    ids, num_words = word_ids(tokens, candidates, flags)
     lengths = jnp.zeros(length, jnp.int32).at[ids].add(1, mode="drop")
     eligible = jnp.arange(length) < num_words
     if selection == "bernoulli":
@@ -168,11 +177,12 @@ def _select_row(tokens, candidates, rng, *, counts, rate, selection, max_predict
     return candidates & jnp.take(taken, ids, mode="fill", fill_value=False)
 
 
-def _mask_row(tokens, rng, *, max_predictions, mask_prob, random_prob, vocab_size, **select):
+def _mask_row(tokens, rng, flags, *, max_predictions, mask_prob, random_prob, vocab_size,
+              **select):
     rng_select, rng_action, rng_random = jax.random.split(rng, 3)
     candidates = ~is_special(tokens, vocab_size)
-    selected = _select_row(tokens, candidates, rng_select, max_predictions=max_predictions,
-                           **select)
+    selected = _select_row(tokens, candidates, rng_select, flags,
+                           max_predictions=max_predictions, **select)
     # One uniform draw per position: [0, mask_prob) -> MASK, the next random_prob -> a random
     # ordinary token (a byte, or a subword piece), the rest unchanged. Same distribution as
     # BERT's two draws (< 0.8, then < 0.5).
@@ -193,7 +203,7 @@ def _mask_row(tokens, rng, *, max_predictions, mask_prob, random_prob, vocab_siz
 def mlm_mask(tokens: jax.Array, rng: jax.Array, *, rate: float = 0.15,
              selection: str = "exact", max_predictions: int, whole_word: bool = False,
              mask_prob: float = 0.8, random_prob: float = 0.1,
-             vocab_size: int = VOCAB_SIZE) -> MlmCorruption:
+             vocab_size: int = VOCAB_SIZE, flags: jax.Array | None = None) -> MlmCorruption:
     """BERT's masked-LM corruption of a batch of token rows (see the module docstring).
 
     Args:
@@ -203,12 +213,15 @@ def mlm_mask(tokens: jax.Array, rng: jax.Array, *, rate: float = 0.15,
       selection: "exact" (google-research/bert) or "bernoulli" (HF transformers).
       max_predictions: P, the static number of prediction slots per row (BERT's
         ``max_predictions_per_seq``); also caps "exact"'s ``num_to_predict``.
-      whole_word: choose whole words (runs of non-whitespace bytes) instead of single tokens.
+      whole_word: choose whole words (runs of non-whitespace bytes or pieces, see
+        :func:`word_ids`) instead of single tokens.
       mask_prob: probability that a chosen position becomes ``MASK`` (BERT: 0.8).
       random_prob: probability that it becomes a uniformly random byte token (BERT: 0.1; the
         random byte may equal the original). The rest, ``1 - mask_prob - random_prob``, keep the
         original token.
       vocab_size: the vocabulary, for telling sentinels from bytes.
+      flags: uint8 [B, L] token flags of a subword tokenizer's pieces (words for
+        ``whole_word``); None reads whitespace off byte ids.
 
     Returns:
       An :class:`MlmCorruption` with ``P = max_predictions`` slots.
@@ -230,7 +243,9 @@ def mlm_mask(tokens: jax.Array, rng: jax.Array, *, rate: float = 0.15,
         _mask_row, counts=counts, rate=rate, selection=selection, whole_word=whole_word,
         max_predictions=max_predictions, mask_prob=mask_prob, random_prob=random_prob,
         vocab_size=vocab_size)
-    return jax.vmap(row)(tokens, jax.random.split(rng, batch))
+    if flags is None:
+        return jax.vmap(lambda t, r: row(t, r, None))(tokens, jax.random.split(rng, batch))
+    return jax.vmap(row)(tokens, jax.random.split(rng, batch), flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,10 +318,11 @@ class MLM(TextObjective):
 
     def prepare(self, batch, rng):
         tokens = batch["tokens"]
+        flags = self.flags_of(tokens, field="whole_word") if self.whole_word else None
         c = mlm_mask(tokens, rng, rate=self.rate, selection=self.selection,
                      max_predictions=self.num_predictions(tokens.shape[1]),
                      whole_word=self.whole_word, mask_prob=self.mask_prob,
-                     random_prob=self.random_prob, vocab_size=self.vocab_size)
+                     random_prob=self.random_prob, vocab_size=self.vocab_size, flags=flags)
         return (c.inputs, c.positions), (c.labels, c.weights)
 
     def apply(self, model, inputs):

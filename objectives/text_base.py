@@ -53,12 +53,36 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TextObjective(Objective):
-    """An objective over packed token rows. ``vocab_size`` comes from the tokenizer."""
+    """An objective over packed token rows. ``vocab_size`` comes from the tokenizer, and so does
+    ``token_flags``: a per-id table of ``zoo.text.tokenizer`` flags (starts/ends with
+    whitespace, holds a newline) for options that find words or lines (whole-word masking,
+    BART's sentence permutation). ``None`` means the byte tokenizer's, read off the byte ids;
+    ``zoo.train.attach_tokenizer`` sets a subword tokenizer's."""
 
     modality: ClassVar[str] = "text"
     suite: ClassVar[str | None] = "text"
     architecture: ClassVar[str] = "encoder"   # "encoder" | "decoder" | "encdec"
     vocab_size: int = VOCAB_SIZE
+    token_flags: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+
+    def flags_of(self, tokens: jax.Array, *, field: str) -> jax.Array | None:
+        """uint8 flags of ``tokens`` from ``token_flags``; None with the byte vocabulary and no
+        table (the byte functions read whitespace and newlines off the ids themselves).
+        ``field`` names the option that needs them, for the error without a table."""
+        if self.token_flags is not None:
+            return jnp.asarray(self.token_flags, jnp.uint8)[tokens]
+        if self.vocab_size == VOCAB_SIZE:
+            return None
+        raise ValueError(f"objective.{field}: finds words or lines by whitespace, but the "
+                         f"{self.vocab_size}-id vocabulary has no token flags; a subword run "
+                         "gets its tokenizer's from zoo.train.attach_tokenizer")
+
+    def with_placeholder_flags(self) -> "TextObjective":
+        """Self, with an all-zero flag table if a non-byte vocabulary has none yet (for
+        tracing shapes before the tokenizer exists)."""
+        if self.token_flags is None and self.vocab_size != VOCAB_SIZE:
+            return dataclasses.replace(self, token_flags=(0,) * self.vocab_size)
+        return self
 
     def validate(self, *, seq_len: int) -> None:
         """Subclasses check their fields first, then call this: it traces ``prepare`` on an
@@ -67,8 +91,9 @@ class TextObjective(Objective):
         if seq_len < 4:
             raise ValueError(f"data.seq_len: {seq_len} is too short; use at least 4")
         row = {"tokens": jax.ShapeDtypeStruct((1, seq_len), jnp.int32)}
+        prepare = self.with_placeholder_flags().prepare   # shapes only: any table will do
         try:
-            jax.eval_shape(self.prepare, row, jax.random.key_data(jax.random.PRNGKey(0)))
+            jax.eval_shape(prepare, row, jax.random.key_data(jax.random.PRNGKey(0)))
         except ValueError as error:
             raise ValueError(f"objective {self.name!r} with data.seq_len={seq_len}: "
                              f"{error}") from None

@@ -15,6 +15,7 @@ import zoo.config
 import zoo.train
 from objectives.mlm import mlm_mask
 from zoo.text import BYTE_OFFSET, MASK, NUM_SENTINELS, VOCAB_SIZE, ByteTokenizer, subword
+from zoo.text.tokenizer import ENDS_WITH_SPACE, HAS_NEWLINE, STARTS_WITH_SPACE
 
 pytest.importorskip("tokenizers")   # the `subword` extra; the test extra installs it
 
@@ -95,18 +96,88 @@ def test_bart_random_tokens_cover_the_pieces():
     assert randoms.max() < vocab - NUM_SENTINELS and (randoms >= BYTE_OFFSET + 256).mean() > 0.5
 
 
-def test_byte_only_options_and_modalities_are_refused():
-    cases = [(":mlm,tiny", ["objective.whole_word=True"], "objective.whole_word"),
-             (":bart,tiny", [], "objective.permute_sentences"),
-             (":bart,tiny", ["objective.permute_sentences=0"], None),
-             (":span_corruption,tiny", ["objective.noise_density=0.15"], None)]
-    for arg, settings, error in cases:
-        config = zoo.config.load(TEXT + arg, ["data.tokenizer=bpe:300", *settings])
-        if error is None:
-            assert zoo.train.build(config).objective.vocab_size == 7 + 300 + 100
-            continue
-        with pytest.raises(ValueError, match=rf"^{error}: .*allowed with it"):
-            zoo.train.build(config)
+def test_piece_flags_follow_the_decoded_text(bpe):
+    """A piece's flags say whether its text starts or ends with whitespace and holds a newline;
+    checked on every piece of real code against its decoded text."""
+    table = bpe.token_flags()
+    assert table.shape == (bpe.vocab_size,) and table.dtype == np.uint8
+    assert not table[:BYTE_OFFSET].any() and not table[bpe.vocab_size - NUM_SENTINELS:].any()
+    ids = bpe.encode(CODE[0][:4000])
+    seen = set()
+    for i in ids.tolist():
+        text = bpe.decode([i])
+        assert bool(table[i] & STARTS_WITH_SPACE) == text[:1].isspace()
+        assert bool(table[i] & ENDS_WITH_SPACE) == text[-1:].isspace()
+        assert bool(table[i] & HAS_NEWLINE) == ("\n" in text)
+        seen.add(int(table[i]))
+    assert {0, STARTS_WITH_SPACE} <= seen and any(f & HAS_NEWLINE for f in seen)
+    # The byte tokenizer's table says the same of single bytes as its is_whitespace.
+    byte_table, ids = ByteTokenizer().token_flags(), np.arange(VOCAB_SIZE)
+    np.testing.assert_array_equal(byte_table[ids] != 0, ByteTokenizer().is_whitespace(ids))
+    assert byte_table[BYTE_OFFSET + 10] == STARTS_WITH_SPACE | ENDS_WITH_SPACE | HAS_NEWLINE
+
+
+def test_whole_word_masking_takes_whole_pieces_words(bpe):
+    """With a BPE, whole-word MLM selects every piece of a word or none (a word: a piece that
+    starts with whitespace or follows one that ends with it, and the pieces up to the next)."""
+    text = "\n".join(CODE)[:30000]
+    ids = bpe.encode(text)[: 8 * 256].reshape(8, 256)
+    flags = bpe.token_flags()[ids]
+    out = mlm_mask(ids, jax.random.key(3), rate=0.3, max_predictions=256, whole_word=True,
+                   vocab_size=bpe.vocab_size, flags=flags)
+    selected = np.zeros(ids.shape, bool)
+    positions, weights = np.asarray(out.positions), np.asarray(out.weights) > 0
+    for row in range(8):
+        selected[row, positions[row][weights[row]]] = True
+    words = 0
+    for row in range(8):
+        begins = (flags[row] & STARTS_WITH_SPACE) != 0
+        after_space = np.concatenate([[True], (flags[row][:-1] & ENDS_WITH_SPACE) != 0])
+        starts = np.flatnonzero(begins | after_space)
+        for start, end in zip(starts, list(starts[1:]) + [256]):
+            word = selected[row, start:end]
+            assert word.all() or not word.any(), (row, start, end)
+            words += int(word.all() and end - start > 1)
+        assert 0.2 < selected[row].mean() < 0.4
+    assert words > 20       # multi-piece words were taken whole, many times
+
+
+def test_bart_permutes_lines_of_pieces(bpe):
+    """BART's sentence permutation with a BPE: sentences end at pieces holding a newline; the
+    permuted row holds the same lines (as text), reordered, and the flags move with them."""
+    from objectives.bart import sentence_permutation
+    lines = [f"line_{i} = {i} * x\n" for i in range(12)]
+    ids = bpe.encode("".join(lines))
+    flags = bpe.token_flags()[ids]
+    out, moved = sentence_permutation(jax.numpy.asarray(ids), len(ids), jax.random.key(0),
+                                      ratio=1.0, flags=jax.numpy.asarray(flags))
+    out = np.asarray(out)
+    np.testing.assert_array_equal(np.asarray(moved), bpe.token_flags()[out])
+    text = bpe.decode(out)
+    assert text != "".join(lines) and sorted(text.splitlines()) == sorted(
+        line[:-1] for line in lines)
+
+
+def test_bpe_runs_get_the_tokenizer_flags_and_other_modalities_are_refused(data_dir, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(subword, "TRAIN_CHARS", 200_000)
+    config = zoo.config.load(TEXT + ":bart,tiny", ["data.tokenizer=bpe:300"])
+    experiment = zoo.train.build(config)          # BART permutes lines by default: accepted
+    assert experiment.objective.vocab_size == 7 + 300 + 100
+    assert experiment.objective.token_flags is None
+    zoo.train.attach_tokenizer(experiment, str(tmp_path))
+    table = experiment.tokenizer.token_flags()
+    assert experiment.objective.token_flags == tuple(table.tolist())
+    batch = next(zoo.train.make_batches(experiment))
+    prepared = experiment.objective.prepare(batch, jax.random.key(0))
+    rows = batch["tokens"].shape[0]
+    assert all(np.asarray(leaf).shape[0] == rows for leaf in jax.tree.leaves(prepared))
+    # Without the run's tokenizer a subword objective cannot tell words: a clear error.
+    bare = zoo.train.build(zoo.config.load(TEXT + ":mlm,tiny", ["data.tokenizer=bpe:300",
+                                                                "objective.whole_word=True"]))
+    with pytest.raises(ValueError, match=r"^objective.whole_word: finds words or lines by "
+                                         r"whitespace, but the 407-id vocabulary has no token"):
+        bare.objective.prepare(batch, jax.random.key(0))
     image = zoo.config.load(f"{ROOT / 'experiments' / 'mae_digits.py'}:tiny",
                             ["data.tokenizer=bpe:300"])
     with pytest.raises(ValueError, match=r"^data.tokenizer: 'bpe:300' is for text objectives"):

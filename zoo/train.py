@@ -87,20 +87,6 @@ class Experiment:
 # Building: validation, model, shardings.
 # ---------------------------------------------------------------------------------------------
 
-# Objective options that find words or sentences by bytes (whitespace, newlines): refused with a
-# subword tokenizer rather than silently meaning something else.
-BYTE_FEATURES = {"whole_word": False, "mask_whole_word": False, "permute_sentences": 0.0}
-
-
-def _check_byte_features(name: str, hparams: dict, tokenizer: str) -> None:
-    defaults = objectives.defaults_of(name)
-    for field, off in BYTE_FEATURES.items():
-        if field in defaults and hparams.get(field, defaults[field]) != off:
-            raise ValueError(f"objective.{field}: {name!r} finds words or sentences by bytes, "
-                             f"which data.tokenizer={tokenizer!r} does not have; allowed with "
-                             f"it: {off!r}")
-
-
 def make_objective(config: config_lib.Config, data_spec=None, *, name: str | None = None,
                    hparams: dict | None = None) -> objectives.Objective:
     """The objective of ``config`` (or ``name`` with ``hparams``, e.g. a mixture component),
@@ -118,7 +104,6 @@ def make_objective(config: config_lib.Config, data_spec=None, *, name: str | Non
             raise ValueError(f"data.tokenizer: {config.data.tokenizer!r} is for text objectives; "
                              f"{name!r} ({modality}) reads bytes; allowed: 'byte'")
         vocab_size = subword.vocab_size(config.data.tokenizer)
-        _check_byte_features(name, hparams, config.data.tokenizer)
     patch = ("patch_size", config.model.patch_size, "model.patch_size")
     vocab = ("vocab_size", vocab_size, "the tokenizer")
     injected = {"image": [patch], "text": [vocab],
@@ -632,10 +617,26 @@ def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: b
 def attach_tokenizer(experiment: Experiment, workdir: str | None) -> Experiment:
     """Sets ``experiment.tokenizer`` to the run's: the byte tokenizer, or with
     ``data.tokenizer = "bpe:N"`` the BPE saved in ``workdir`` (trained and saved there first
-    if the workdir has none yet; see ``zoo.text.subword``)."""
+    if the workdir has none yet; see ``zoo.text.subword``), whose token flags then go into
+    ``experiment.objective``."""
     if experiment.config.data.tokenizer != "byte":
         experiment.tokenizer = subword.tokenizer_for(experiment.config.data, workdir)
+        table = tuple(int(f) for f in experiment.tokenizer.token_flags())
+        experiment.objective = with_token_flags(experiment.objective, table)
     return experiment
+
+
+def with_token_flags(objective: objectives.Objective, table: tuple[int, ...]):
+    """``objective`` (or each text component of a mixture) reading words and lines through the
+    tokenizer's per-id flag ``table`` (whole-word masking, BART's sentence permutation)."""
+    if isinstance(objective, objectives.TextObjective):
+        return dataclasses.replace(objective, token_flags=table)
+    components = getattr(objective, "components", None)
+    if components:
+        return dataclasses.replace(objective, components=tuple(
+            dataclasses.replace(c, objective=with_token_flags(c.objective, table))
+            for c in components))
+    return objective
 
 
 def _batches_for(config, name, modality, split, shuffle, tokenizer=None):

@@ -11,8 +11,9 @@ the workdir. It keeps the byte tokenizer's id layout, so every objective works u
 
 Byte-level means every string encodes (no unknown token): the 256 byte symbols are pieces and
 the merges are learned on top. Training is deterministic: the same corpus and ``N`` give the
-same tokenizer. Whole-word masking and BART's sentence permutation look at bytes and are
-refused with ``bpe`` (byte-level BPE pieces usually are whole words or word starts already).
+same tokenizer. Whole-word masking and BART's sentence permutation find words and lines through
+``token_flags()`` (does a piece start or end with whitespace, does it hold a newline), which
+``zoo.train.attach_tokenizer`` hands to the objective.
 
 Example::
 
@@ -28,7 +29,8 @@ from typing import Iterable
 import numpy as np
 
 from zoo import storage
-from zoo.text.tokenizer import BOS, BYTE_OFFSET, EOS, MASK, NUM_SENTINELS, PAD, decode_ids
+from zoo.text.tokenizer import (BOS, BYTE_OFFSET, EOS, MASK, NUM_SENTINELS, PAD, decode_ids,
+                                text_flags)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,14 @@ class SubwordTokenizer:
         """ids -> str; sentinels as ``<extra_id_N>``, mask as ``<mask>``; pad, eos, bos and
         mode tokens dropped (as ``ByteTokenizer.decode``)."""
         return decode_ids(ids, self.vocab_size, self.num_sentinels, self._tok.decode)
+
+    def token_flags(self) -> np.ndarray:
+        """uint8 [vocab_size]: each piece's flags from its decoded text (``text_flags``: starts
+        or ends with whitespace, holds a newline); specials, sentinels and unused ids 0."""
+        table = np.zeros(self.vocab_size, np.uint8)
+        for piece in range(self._tok.get_vocab_size()):
+            table[BYTE_OFFSET + piece] = text_flags(self._tok.decode([piece]))
+        return table
 
     def to_json(self) -> str:
         return json.dumps({"num_pieces": self.num_pieces, "tokenizer": json.loads(self._json)})

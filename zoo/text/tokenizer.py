@@ -38,6 +38,23 @@ def is_special(ids, vocab_size: int = VOCAB_SIZE, num_sentinels: int = NUM_SENTI
     return (ids < BYTE_OFFSET) | (ids >= vocab_size - num_sentinels)
 
 
+# Per-id token flags (bits of a uint8), what whole-word masking and BART's sentence
+# permutation need to know about a token without looking at its bytes on device:
+STARTS_WITH_SPACE = 1   # the token's text begins with ASCII whitespace (it starts a word)
+ENDS_WITH_SPACE = 2     # ... ends with whitespace (the next token starts a word)
+HAS_NEWLINE = 4         # ... contains a newline (it ends a line: BART's sentence boundary)
+WHITESPACE = " \t\n\x0b\x0c\r"
+
+
+def text_flags(text: str) -> int:
+    """The flags of a token whose text is ``text`` (0 for the empty string)."""
+    if not text:
+        return 0
+    return ((STARTS_WITH_SPACE if text[0] in WHITESPACE else 0)
+            | (ENDS_WITH_SPACE if text[-1] in WHITESPACE else 0)
+            | (HAS_NEWLINE if "\n" in text else 0))
+
+
 def decode_ids(ids, vocab_size: int, num_sentinels: int, decode_run) -> str:
     """The decoding loop shared by zoo's tokenizers: each run of ordinary ids (offset removed)
     goes through ``decode_run(list[int]) -> str``; sentinels read ``<extra_id_N>``, mask reads
@@ -74,6 +91,13 @@ class ByteTokenizer:
         ``<extra_id_N>``, mask as ``<mask>``; pad, eos, bos and mode tokens are dropped."""
         return decode_ids(ids, self.vocab_size, self.num_sentinels,
                           lambda run: bytes(run).decode("utf-8", errors="replace"))
+
+    def token_flags(self) -> np.ndarray:
+        """uint8 [vocab_size]: each id's flags (``text_flags`` of its byte; specials 0)."""
+        table = np.zeros(self.vocab_size, np.uint8)
+        for byte in range(256):
+            table[BYTE_OFFSET + byte] = text_flags(chr(byte)) if byte < 128 else 0
+        return table
 
     def is_whitespace(self, ids):
         """True at the byte tokens of ASCII whitespace (space, tab, newline, CR, FF, VT): word
