@@ -711,11 +711,12 @@ def _lookup(tree, dotted):
 
 
 def peak_flops(config: config_lib.Config, mesh: jax.sharding.Mesh) -> float:
-    """The MFU denominator: from the config, else a matmul measured on this machine."""
+    """The MFU denominator: from the config, else a matmul measured on this machine in the
+    compute dtype (a bf16 run on GPU/TPU against the bf16 peak, not the float32 one)."""
     if config.peak_flops:
         return float(config.peak_flops)
     device = jax.local_devices()[0]   # jax.devices()[0] is not addressable on process > 0
-    per_device = measure_matmul_peak(device=device)
+    per_device = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype], device=device)
     # Simulated CPU devices share the same cores, so the host's peak is one device's.
     return per_device if device.platform == "cpu" else per_device * mesh.size
 
