@@ -1,7 +1,10 @@
 """`zoo bench mae` runs end to end on a tiny configuration and reports consistent figures."""
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from zoo import config as config_lib
 from zoo.bench import bench_mae
 
 
@@ -20,3 +23,17 @@ def test_bench_mae_tiny_reports_consistent_figures():
     assert abs(result["mfu"] - achieved / result["matmul_peak_gflops_per_second"]) < 1e-9
     assert 0.5 < result["xla_gflops_per_step"] / result["model_gflops_per_step"] < 2.0
     assert "MFU" in printed[0] and "ViT-test/4" in printed[0]
+
+
+def test_the_mfu_peak_is_measured_in_the_compute_dtype(monkeypatch):
+    """A bf16 run's MFU denominator is the bf16 matmul peak (on a GPU it is ~2x float32's)."""
+    import zoo.train
+    asked = []
+    monkeypatch.setattr(zoo.train, "measure_matmul_peak",
+                        lambda dtype, device: asked.append(jnp.dtype(dtype)) or 1e12)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    for dtype in ("bfloat16", "float32"):
+        config = config_lib.Config(model=config_lib.ModelConfig(dtype=dtype))
+        assert zoo.train.peak_flops(config, mesh) == 1e12
+    assert asked == [jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)]
+    assert zoo.train.peak_flops(config_lib.Config(peak_flops=5.0), mesh) == 5.0
