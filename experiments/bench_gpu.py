@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ def check_fused_attention(shapes=((4, 50, 12, 64), (4, 197, 16, 32))) -> bool:
     outputs and gradients, relative error (bf16 operands: expect ~1e-2 or less)."""
     import jax
     import jax.numpy as jnp
-    from zoo.models.layers import einsum_attention, fused_attention
+    from zoo.models.layers import cudnn_takes, einsum_attention, fused_attention
 
     def einsum_blhd(q, k, v):
         return jnp.swapaxes(einsum_attention(*(jnp.swapaxes(t, 1, 2) for t in (q, k, v)),
@@ -54,6 +53,8 @@ def check_fused_attention(shapes=((4, 50, 12, 64), (4, 197, 16, 32))) -> bool:
     for i, shape in enumerate(shapes):
         keys = jax.random.split(jax.random.key(i), 4)
         q, k, v, cot = (jax.random.normal(key, shape) for key in keys)
+        half = q.astype(jnp.bfloat16)
+        assert cudnn_takes(half, half, None), f"{shape}: would not run on cuDNN"
         results = {}
         for name, fn, dtype in (("fused", fused_attention, jnp.bfloat16),
                                 ("reference", einsum_blhd, jnp.float32)):
@@ -91,8 +92,6 @@ def main(argv=None) -> int:
           f"{device.platform}: {device.device_kind} x{jax.device_count()}", flush=True)
     datasheet = next((v for k, v in DATASHEET_BF16.items() if k in device.device_kind), None)
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("zoo.models.layers").setLevel(logging.INFO)
     if device.platform == "gpu" and not check_fused_attention():
         print("fused attention disagrees with the reference: its rows are not trustworthy")
     variants = VARIANTS

@@ -71,12 +71,35 @@ def test_the_config_reaches_every_attention_layer_scanned_or_not():
         assert found and set(found) == {"fused"}
 
 
-def test_odd_lengths_padded_for_cudnn_give_the_unpadded_result():
-    """The padding fused_attention adds for cuDNN (odd lengths), run through XLA's kernel."""
+def test_odd_lengths_padded_for_cudnn_give_the_unpadded_result_and_gradients():
+    """The padding fused_attention adds for cuDNN (odd lengths), run through XLA's kernel: the
+    padded key is masked out and the padded query row dropped, in the values and in the
+    gradients of q, k and v."""
     rng = np.random.default_rng(3)
-    q = rng.standard_normal((2, 7, 3, 8)).astype(np.float32)
-    k, v = (rng.standard_normal((2, 5, 3, 8)).astype(np.float32) for _ in range(2))
-    out = layers._cudnn_attention(q, k, v, None, implementation="xla")
+    q = jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 8)), jnp.float32) for _ in range(2))
+    cotangent = jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32)
+    out = layers._padded_attention(q, k, v, implementation="xla")
     assert out.shape == q.shape
     np.testing.assert_allclose(out, reference_attention(q, k, v, None), rtol=1e-5, atol=1e-5)
 
+    def loss(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent)
+    padded = jax.grad(loss(lambda *a: layers._padded_attention(*a, implementation="xla")),
+                      argnums=(0, 1, 2))(q, k, v)
+    plain = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")),
+                     argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(padded, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_gets_only_unmasked_16_bit_attention_with_a_small_head():
+    def arrays(head=64, dtype=jnp.bfloat16, key_head=None):
+        return (jnp.zeros((2, 9, 4, head), dtype), jnp.zeros((2, 9, 4, key_head or head), dtype))
+    assert layers.cudnn_takes(*arrays(), None)
+    assert layers.cudnn_takes(*arrays(dtype=jnp.float16), None)
+    assert not layers.cudnn_takes(*arrays(), jnp.ones((1, 1, 9, 9), bool))   # masked
+    assert not layers.cudnn_takes(*arrays(dtype=jnp.float32), None)
+    assert not layers.cudnn_takes(*arrays(head=60), None)
+    assert not layers.cudnn_takes(*arrays(head=256), None)
+    assert not layers.cudnn_takes(*arrays(key_head=32), None)

@@ -43,7 +43,8 @@ class ModelConfig:
                                   # "none" | "full" (keep only block inputs) | "dots" (keep
                                   # matmul outputs without batch dims) | "dots_with_batch"
     attention: str = "auto"       # "einsum" | "fused" (jax.nn.dot_product_attention; cuDNN
-                                  # on GPU) | "auto" (fused on GPU with 16-bit compute)
+                                  # on GPU) | "auto" (fused on GPU with 16-bit compute where
+                                  # there is no mask, einsum otherwise)
     scan_layers: bool = False     # stack the blocks' parameters and lax.scan over them (one
                                   # block compiled; changes the checkpoint layout)
 

@@ -5,7 +5,6 @@ axes. ``dtype`` is the compute dtype (e.g. bfloat16); parameters are always floa
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import jax
@@ -55,7 +54,8 @@ def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNor
 #   "einsum": scores, softmax and weighted sum as separate ops in a heads-major layout (on
 #             XLA:CPU ~10% faster for the whole MAE step than jax.nn.dot_product_attention's
 #             [B, L, H, D] einsums; bench_mae),
-#   "fused":  jax.nn.dot_product_attention, with cuDNN's fused (flash) kernel on GPU,
+#   "fused":  jax.nn.dot_product_attention, with cuDNN's fused (flash) kernel on GPU where
+#             ``cudnn_takes`` (unmasked, 16-bit, head size <= 128), XLA's kernel otherwise,
 #   "auto":   "fused" on GPU with 16-bit compute and no mask, "einsum" otherwise.
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "fused")
 
@@ -87,25 +87,30 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     mask: jax.Array | None) -> jax.Array:
     """The same over [B, L, H, D] layouts through jax.nn.dot_product_attention: cuDNN's fused
-    kernel on GPU where it takes the shapes, XLA's otherwise.
-
-    cuDNN refuses odd sequence lengths when training (e.g. ViT-B/16's 197 tokens), so an
-    unmasked odd-length call is padded by one zero token and the padding is masked out through
-    the kernel's sequence lengths; the extra query row is dropped."""
-    if jax.default_backend() == "gpu":
-        try:
-            return _cudnn_attention(q, k, v, mask)
-        except NotImplementedError as why:
-            logging.getLogger(__name__).info("attention %s x %s: XLA, not cuDNN (%s)",
-                                             q.shape, k.shape, why)
+    kernel on GPU where ``cudnn_takes`` says it applies, XLA's kernel otherwise (decided from
+    static shapes and dtypes, so remat and scan see the same choice as the plain forward)."""
+    if jax.default_backend() == "gpu" and cudnn_takes(q, k, mask):
+        return _padded_attention(q, k, v, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def _cudnn_attention(q, k, v, mask, implementation="cudnn"):
-    """(``implementation`` "xla" runs the same padding on any backend, for tests.)"""
+def cudnn_takes(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> bool:
+    """Whether zoo sends this attention to cuDNN's flash kernel: 16-bit operands, a head size
+    that is a multiple of 8 and at most 128, the same head size for keys, and no mask (jax
+    turns a mask into a bias, which cuDNN refuses for many shapes when training)."""
+    half = q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+    head = q.shape[-1]
+    return mask is None and half and head % 8 == 0 and head <= 128 and k.shape[-1] == head
+
+
+def _padded_attention(q, k, v, implementation="cudnn"):
+    """Unmasked attention with odd lengths padded by one zero token: jax 0.11's cuDNN path
+    refuses odd lengths when training (e.g. ViT-B/16's 197 tokens; seen on an H200). The
+    padding is masked out through the kernel's sequence lengths and the extra query row dropped.
+    (``implementation="xla"`` runs the same padding anywhere, for tests.)"""
     batch, length, source = q.shape[0], q.shape[1], k.shape[1]
-    if mask is not None or (length % 2 == 0 and source % 2 == 0):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if length % 2 == 0 and source % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))  # noqa: E731
     out = jax.nn.dot_product_attention(
         pad(q), pad(k), pad(v), implementation=implementation,
