@@ -2,7 +2,8 @@
 
 No network here, so ``gs://`` is served by a fake fsspec filesystem over a temporary folder that,
 like GCS, refuses to append to an object. (Orbax writes the checkpoints themselves to buckets
-with its own tensorstore drivers; that part is orbax's and is not exercised here.)
+with its own tensorstore drivers; that part is orbax's and is not exercised here: the tests lay
+out step dirs as orbax does in a bucket, complete once ``commit_success.txt`` is written.)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 import zoo.config
 import zoo.train
 from zoo import storage
-from zoo.checkpoint import Checkpointer
+from zoo.checkpoint import Checkpointer, complete_steps
 from zoo.metric_writer import MetricWriter, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,14 +109,19 @@ def test_metrics_in_a_bucket(bucket, monkeypatch):
 
     monkeypatch.setattr(tensorboardX, "SummaryWriter", RecordingWriter)
     uri, folder = bucket
-    writer = MetricWriter(storage.join(uri, "run"))
+    writer = MetricWriter(storage.join(uri, "run"), flush_seconds=3600)
     for step, loss in ((1, 3.0), (2, 2.0), (2, 1.5)):      # a resume re-logs step 2
         writer.write(step, {"loss": loss})
-    writer.close()
+    assert not (folder / "run/metrics.jsonl").exists()     # buffered: one object write per
+    writer.close()                                          # flush_seconds, and at close
     assert logdirs == ["gs://bucket/run/tb"]
     assert [(r["step"], r["loss"]) for r in read_metrics(storage.join(uri, "run"))] == [
         (1, 3.0), (2, 1.5)]
     assert len((folder / "run/metrics.jsonl").read_text().splitlines()) == 3
+    writer = MetricWriter(storage.join(uri, "run"), flush_seconds=0)   # flushes every write
+    writer.write(3, {"loss": 1.0})
+    assert len((folder / "run/metrics.jsonl").read_text().splitlines()) == 4
+    writer.close()
 
 
 def test_workdir_checks_read_a_bucket(bucket):
@@ -124,8 +130,12 @@ def test_workdir_checks_read_a_bucket(bucket):
     config = zoo.config.load(MAE)
     zoo.train._write_json_atomically(storage.join(run, "config.json"),
                                      zoo.config.to_dict(config))
-    for name in ("2", "4", "9.orbax-checkpoint-tmp-123"):
-        os.makedirs(folder / "run/checkpoints" / name)
+    # orbax's layout in a bucket: step dirs written in place, complete once commit_success.txt
+    # is there (written last); 5 was cut off half-way.
+    for name in ("2", "4", "5"):
+        os.makedirs(folder / "run/checkpoints" / name / "state")
+    for name in ("2", "4"):
+        (folder / "run/checkpoints" / name / "commit_success.txt").write_text("ok")
     assert zoo.train.completed_checkpoint_steps(run) == [2, 4]
     zoo.train.check_workdir(run, config)                     # same config: accepted
     other = zoo.config.load(MAE, ["optim.lr=0.5"])
@@ -139,7 +149,20 @@ def test_checkpointer_housekeeping_in_a_bucket(bucket):
     checkpointer = Checkpointer.__new__(Checkpointer)   # orbax's own gs:// I/O is not faked
     checkpointer.directory = storage.absolute(storage.join(uri, "run/checkpoints"))
     assert checkpointer._local_problem(state=None) is None    # writable; no free-space figure
-    for name in ("4", "5.orbax-checkpoint-tmp-1", "5.orbax-checkpoint-tmp-2", "50"):
+    for name in ("4", "5", "50"):
         os.makedirs(folder / "run/checkpoints" / name / "part")
-    checkpointer._remove_partial(5)
+    for name in ("4", "50"):
+        (folder / "run/checkpoints" / name / "commit_success.txt").write_text("ok")
+    checkpointer._remove_partial(50)             # complete: never touched
+    checkpointer._remove_partial(5)              # no commit file: the failed save's leftovers
     assert sorted(os.listdir(folder / "run/checkpoints")) == ["4", "50"]
+
+
+def test_local_checkpoints_are_complete_once_renamed(tmp_path):
+    for name in ("3", "8", "9.orbax-checkpoint-tmp-77"):
+        os.makedirs(tmp_path / name)
+    assert complete_steps(str(tmp_path)) == [3, 8]
+    checkpointer = Checkpointer.__new__(Checkpointer)
+    checkpointer.directory = str(tmp_path)
+    checkpointer._remove_partial(9)
+    assert sorted(os.listdir(tmp_path)) == ["3", "8"]

@@ -1,7 +1,9 @@
 """Checkpoints with orbax: train state plus the data iterator's JSON state, atomically committed.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a crash during
-a save leaves the previous checkpoint as the latest complete one.
+On a local disk orbax writes each step into a temporary directory and renames it when complete;
+in a ``gs://`` bucket (no rename there) it writes the step directory in place and marks it
+complete with a ``commit_success.txt`` file last. Either way a crash during a save leaves the
+previous checkpoint as the latest complete one (``complete_steps``).
 """
 from __future__ import annotations
 
@@ -55,6 +57,24 @@ def _stored_fields(state: Any) -> Any:
     if hasattr(state, "_fields"):
         return {k: v for k, v in state._asdict().items() if v is not None}
     return state
+
+
+# orbax's completion marker where it cannot rename (its default for gs:// paths).
+COMMIT_FILE = "commit_success.txt"
+
+
+def commits_with_file(directory: str) -> bool:
+    return str(directory).startswith("gs://")
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints under ``directory`` (ascending): the ``N`` dirs
+    (renamed into place when complete), in a bucket only those holding ``COMMIT_FILE``."""
+    steps = [int(name) for name in storage.listdir(directory) if name.isdigit()]
+    if commits_with_file(directory):
+        steps = [s for s in steps
+                 if storage.exists(storage.join(directory, str(s), COMMIT_FILE))]
+    return sorted(steps)
 
 
 class Checkpointer:
@@ -125,8 +145,15 @@ class Checkpointer:
         return None
 
     def _remove_partial(self, step: int) -> None:
-        """Deletes this save's half-written ``<step>.orbax-checkpoint-tmp*`` dirs (never a
-        complete step dir: those are only ever created by orbax's final rename)."""
+        """Deletes this save's half-written files: ``<step>.orbax-checkpoint-tmp*`` dirs (a
+        complete step dir is only ever created by orbax's final rename), or in a bucket the
+        ``<step>`` dir if it has no ``COMMIT_FILE`` (a complete one is never touched)."""
+        if commits_with_file(self.directory):
+            if step not in complete_steps(self.directory):
+                path = storage.join(self.directory, str(step))
+                if storage.exists(path):
+                    storage.remove_tree(path)
+            return
         prefix = f"{step}.orbax-checkpoint-tmp"
         for name in storage.listdir(self.directory):
             if name.startswith(prefix):

@@ -8,12 +8,19 @@ from zoo import storage
 
 
 class MetricWriter:
-    """Appends ``{"step": s, **scalars}`` to ``metrics.jsonl`` and to TensorBoard under ``tb/``
-    (``workdir`` may be a bucket URI: see ``zoo.storage``)."""
+    """Appends ``{"step": s, **scalars}`` to ``metrics.jsonl`` and to TensorBoard under ``tb/``.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    ``workdir`` may be a bucket URI (see ``zoo.storage``): an object there cannot be appended
+    to, so records are buffered and the object rewritten at most every ``flush_seconds`` (GCS
+    takes about one write per second per object) and on ``close``."""
+
+    def __init__(self, workdir: str, enabled: bool = True, *, flush_seconds: float = 30.0):
         self.enabled = enabled
         self.path = storage.join(workdir, "metrics.jsonl")
+        self._buffered = storage.is_remote(workdir)
+        self._flush_seconds = flush_seconds
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter  # local: slow import
@@ -24,11 +31,21 @@ class MetricWriter:
             return
         record = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in
                                                              scalars.items()}}
-        storage.append_text(self.path, json.dumps(record) + "\n")
+        self._pending.append(json.dumps(record) + "\n")
+        if not self._buffered or time.monotonic() - self._last_flush >= self._flush_seconds:
+            self.flush()
         for key, value in scalars.items():
             self._tb.add_scalar(key, float(value), int(step))
 
+    def flush(self) -> None:
+        if self._pending:
+            storage.append_text(self.path, "".join(self._pending))
+            self._pending = []
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
+        if self.enabled:
+            self.flush()
         if self._tb is not None:
             self._tb.close()
 

@@ -4,7 +4,8 @@ A pod's workers share no disk, so a pod run's workdir is a bucket path that ever
 ``zoo pretrain --workdir gs://BUCKET/RUN``. Orbax writes checkpoints there itself; this module
 serves the trainer's own small files (config.json, metrics.jsonl, tokenizer.json, probe.json).
 Object stores cannot append to or rename an object in place, so on a bucket an "append"
-rewrites the object and an atomic write is a single object write (objects are replaced whole).
+rewrites the object (``MetricWriter`` buffers, so it does that at most every 30 s) and an atomic
+write is a single object write (objects are replaced whole).
 Bucket paths need ``pip install -e ".[gcs]"`` (gcsfs for epath, google-cloud-storage for
 TensorBoard's event files).
 
@@ -68,9 +69,13 @@ def write_text_atomically(path: str, text: str) -> None:
         epath.Path(path).write_text(text)
         return
     tmp = f"{path}.tmp-{os.getpid()}"   # per process: several may write the same file
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):          # the write failed (e.g. disk full): leave no debris
+            os.remove(tmp)
 
 
 def append_text(path: str, text: str) -> None:

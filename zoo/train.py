@@ -36,7 +36,7 @@ import zoo.text
 from zoo import config as config_lib
 from zoo import spike as spike_lib
 from zoo import storage
-from zoo.checkpoint import Checkpointer
+from zoo.checkpoint import Checkpointer, complete_steps
 from zoo.flops import measure_matmul_peak, train_step_flops
 from zoo.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
 from zoo.models.layers import set_attention
@@ -595,10 +595,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def completed_checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the complete checkpoints in a workdir (orbax renames a step dir into place only
-    once it is fully written, so half-written ones are not listed)."""
-    directory = storage.join(workdir, "checkpoints")
-    return sorted(int(name) for name in storage.listdir(directory) if name.isdigit())
+    """Steps of the complete checkpoints in a workdir (half-written ones are not listed; see
+    ``zoo.checkpoint.complete_steps``)."""
+    return complete_steps(storage.join(workdir, "checkpoints"))
 
 
 def make_batches(experiment: Experiment, split: str | None = None, *, shuffle: bool = True):
