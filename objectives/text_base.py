@@ -63,24 +63,26 @@ class TextObjective(Objective):
     suite: ClassVar[str | None] = "text"
     architecture: ClassVar[str] = "encoder"   # "encoder" | "decoder" | "encdec"
     vocab_size: int = VOCAB_SIZE
+    subword: bool = False         # ids are a subword tokenizer's pieces (data.tokenizer "bpe:N")
     token_flags: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
 
     def flags_of(self, tokens: jax.Array, *, field: str) -> jax.Array | None:
-        """uint8 flags of ``tokens`` from ``token_flags``; None with the byte vocabulary and no
-        table (the byte functions read whitespace and newlines off the ids themselves).
-        ``field`` names the option that needs them, for the error without a table."""
+        """uint8 flags of ``tokens`` from ``token_flags``; None for byte ids without a table
+        (the byte functions read whitespace and newlines off the ids themselves). ``field``
+        names the option that needs them, for the error when neither applies."""
         if self.token_flags is not None:
             return jnp.asarray(self.token_flags, jnp.uint8)[tokens]
-        if self.vocab_size == VOCAB_SIZE:
+        if not self.subword and self.vocab_size == VOCAB_SIZE:
             return None
-        raise ValueError(f"objective.{field}: finds words or lines by whitespace, but the "
-                         f"{self.vocab_size}-id vocabulary has no token flags; a subword run "
-                         "gets its tokenizer's from zoo.train.attach_tokenizer")
+        kind = "subword" if self.subword else f"{self.vocab_size}-id"
+        raise ValueError(f"objective.{field}: finds words or lines by whitespace, but these "
+                         f"{kind} ids come without token flags; a subword run gets its "
+                         "tokenizer's from zoo.train.attach_tokenizer")
 
     def with_placeholder_flags(self) -> "TextObjective":
-        """Self, with an all-zero flag table if a non-byte vocabulary has none yet (for
-        tracing shapes before the tokenizer exists)."""
-        if self.token_flags is None and self.vocab_size != VOCAB_SIZE:
+        """Self, with an all-zero flag table if it is a subword objective without its table
+        yet (to trace shapes before the run's tokenizer exists)."""
+        if self.subword and self.token_flags is None:
             return dataclasses.replace(self, token_flags=(0,) * self.vocab_size)
         return self
 

@@ -104,10 +104,11 @@ def test_piece_flags_follow_the_decoded_text(bpe):
     assert not table[:BYTE_OFFSET].any() and not table[bpe.vocab_size - NUM_SENTINELS:].any()
     ids = bpe.encode(CODE[0][:4000])
     seen = set()
+    ascii_space = " \t\n\r\x0b\x0c"
     for i in ids.tolist():
         text = bpe.decode([i])
-        assert bool(table[i] & STARTS_WITH_SPACE) == text[:1].isspace()
-        assert bool(table[i] & ENDS_WITH_SPACE) == text[-1:].isspace()
+        assert bool(table[i] & STARTS_WITH_SPACE) == (text[:1] != "" and text[0] in ascii_space)
+        assert bool(table[i] & ENDS_WITH_SPACE) == (text[-1:] != "" and text[-1] in ascii_space)
         assert bool(table[i] & HAS_NEWLINE) == ("\n" in text)
         seen.add(int(table[i]))
     assert {0, STARTS_WITH_SPACE} <= seen and any(f & HAS_NEWLINE for f in seen)
@@ -130,9 +131,12 @@ def test_whole_word_masking_takes_whole_pieces_words(bpe):
     for row in range(8):
         selected[row, positions[row][weights[row]]] = True
     words = 0
+    texts = {i: bpe.decode([i]) for i in np.unique(ids).tolist()}   # the oracle: decoded text
     for row in range(8):
-        begins = (flags[row] & STARTS_WITH_SPACE) != 0
-        after_space = np.concatenate([[True], (flags[row][:-1] & ENDS_WITH_SPACE) != 0])
+        pieces = [texts[i] for i in ids[row].tolist()]
+        begins = np.array([p[:1] != "" and p[0] in " \t\n\r\x0b\x0c" for p in pieces])
+        after_space = np.array([True] + [p[-1:] != "" and p[-1] in " \t\n\r\x0b\x0c"
+                                         for p in pieces[:-1]])
         starts = np.flatnonzero(begins | after_space)
         for start, end in zip(starts, list(starts[1:]) + [256]):
             word = selected[row, start:end]
@@ -146,7 +150,8 @@ def test_bart_permutes_lines_of_pieces(bpe):
     """BART's sentence permutation with a BPE: sentences end at pieces holding a newline; the
     permuted row holds the same lines (as text), reordered, and the flags move with them."""
     from objectives.bart import sentence_permutation
-    lines = [f"line_{i} = {i} * x\n" for i in range(12)]
+    # Indented code: a line's newline must not share a piece with the next line's indentation.
+    lines = [f"    line_{i} = {i} * x\n" for i in range(12)]
     ids = bpe.encode("".join(lines))
     flags = bpe.token_flags()[ids]
     out, moved = sentence_permutation(jax.numpy.asarray(ids), len(ids), jax.random.key(0),
@@ -176,8 +181,17 @@ def test_bpe_runs_get_the_tokenizer_flags_and_other_modalities_are_refused(data_
     bare = zoo.train.build(zoo.config.load(TEXT + ":mlm,tiny", ["data.tokenizer=bpe:300",
                                                                 "objective.whole_word=True"]))
     with pytest.raises(ValueError, match=r"^objective.whole_word: finds words or lines by "
-                                         r"whitespace, but the 407-id vocabulary has no token"):
+                                         r"whitespace, but these subword ids come without"):
         bare.objective.prepare(batch, jax.random.key(0))
+    # The same with a BPE whose vocabulary is as large as the byte tokenizer's (256 pieces):
+    # the objective knows it reads pieces, not bytes.
+    same_size = zoo.train.build(zoo.config.load(TEXT + ":mlm,tiny", [
+        "data.tokenizer=bpe:256", "objective.whole_word=True"])).objective
+    assert same_size.vocab_size == VOCAB_SIZE and same_size.subword
+    with pytest.raises(ValueError, match=r"^objective.whole_word: .* subword ids come without"):
+        same_size.prepare(batch, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"^objective.subword: True differs from data.tokenizer"):
+        zoo.train.build(zoo.config.load(TEXT + ":mlm,tiny", ["objective.subword=True"]))
     image = zoo.config.load(f"{ROOT / 'experiments' / 'mae_digits.py'}:tiny",
                             ["data.tokenizer=bpe:300"])
     with pytest.raises(ValueError, match=r"^data.tokenizer: 'bpe:300' is for text objectives"):

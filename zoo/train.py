@@ -106,7 +106,8 @@ def make_objective(config: config_lib.Config, data_spec=None, *, name: str | Non
         vocab_size = subword.vocab_size(config.data.tokenizer)
     patch = ("patch_size", config.model.patch_size, "model.patch_size")
     vocab = ("vocab_size", vocab_size, "the tokenizer")
-    injected = {"image": [patch], "text": [vocab],
+    pieces = ("subword", config.data.tokenizer != "byte", "data.tokenizer")
+    injected = {"image": [patch], "text": [vocab, pieces],
                 "pairs": [patch, vocab, ("text_len", config.data.seq_len, "data.seq_len")]
                 }.get(modality, [])
     for field, value, source in injected:

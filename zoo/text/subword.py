@@ -118,7 +118,11 @@ def train_bpe(texts: Iterable[str], num_pieces: int, *,
     if num_pieces < MIN_PIECES:
         raise ValueError(f"data.tokenizer: {num_pieces} pieces; allowed: >= {MIN_PIECES}")
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Newlines stand alone, so a line (BART's sentence) never shares a piece with the next
+    # line's indentation: code's "\n    " would otherwise merge into one piece.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=num_pieces, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
