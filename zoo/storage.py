@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import uuid
 
 from etils import epath
 
@@ -68,7 +69,8 @@ def write_text_atomically(path: str, text: str) -> None:
     if is_remote(path):
         epath.Path(path).write_text(text)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"   # per process: several may write the same file
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"   # per writer: several processes (hosts sharing
+                                              # a disk) may write the same file at once
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -103,7 +105,6 @@ def remove_tree(path: str) -> None:
 def writable_problem(directory: str) -> str | None:
     """Why ``directory`` cannot take new files (created if missing), or None: a probe file is
     written and removed."""
-    import uuid
     probe = join(directory, f".write_probe_{uuid.uuid4().hex}")
     try:
         makedirs(directory)
