@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import importlib
 
+from zoo.host_memory import keep_freed_memory
+
+# Before JAX creates its CPU threads: XLA:CPU's per-step buffers then reuse pages instead of
+# page-faulting through ~1 GB each step (zoo/host_memory.py; ZOO_HOST_MALLOC=system opts out).
+keep_freed_memory()
+
 _LAZY = {"train": ("zoo.train", "train"), "probe": ("zoo.probe", "probe"),
          "compare": ("zoo.compare", "compare"), "bench": ("zoo.bench", "bench_mae")}
 
