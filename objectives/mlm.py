@@ -36,7 +36,7 @@ from flax import nnx
 
 from objectives.text_base import TextObjective, token_cross_entropy
 from zoo.flops import dense_flops
-from zoo.models.layers import dense, layer_norm, param
+from zoo.models.layers import dense, gelu, layer_norm, param
 from zoo.models.text import text_forward_flops
 
 from zoo.text import (BYTE_OFFSET, MASK, NUM_SENTINELS, PAD, VOCAB_SIZE, ByteTokenizer,
@@ -265,7 +265,7 @@ class MlmHead(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros_init(), (vocab_size,), ("vocab",))
 
     def __call__(self, hidden: jax.Array, embedding) -> jax.Array:
-        x = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
+        x = self.norm(gelu(self.transform(hidden)))
         return embedding.attend(x) + self.bias[...]
 
 

@@ -37,7 +37,7 @@ from flax import nnx
 from objectives.base import ImageObjective, image_to_float, patchify
 from objectives.mae import masking_indices
 from zoo.flops import dense_flops, transformer_flops
-from zoo.models.layers import dense, param
+from zoo.models.layers import dense, gelu, param
 
 
 def selfie_split(rng: jax.Array, batch: int, length: int, mask_ratio: float
@@ -73,8 +73,7 @@ class SelfieHead(nnx.Module):
                                    use_bias=False)
 
     def candidates(self, patch_embeddings: jax.Array) -> jax.Array:
-        return self.candidate_fc2(jax.nn.gelu(self.candidate_fc1(patch_embeddings),
-                                              approximate=False))
+        return self.candidate_fc2(gelu(self.candidate_fc1(patch_embeddings)))
 
     def queries(self, summary: jax.Array, ids_masked: jax.Array) -> jax.Array:
         pos = jnp.take(self.position[...], ids_masked, axis=0).astype(summary.dtype)

@@ -243,3 +243,20 @@ def test_attention_matches_jax_reference_attention():
         np.testing.assert_allclose(attn(x, mask), expected, atol=1e-5, rtol=1e-5)
     # The causal mask changes the first token's output (it may only see itself).
     assert not np.allclose(attn(x, causal)[:, 0], attn(x)[:, 0])
+
+
+def test_gelu_is_exact_erf_gelu_in_value_and_gradient():
+    """zoo's GELU against float64 x * Phi(x) and its derivative Phi(x) + x * phi(x) (scipy),
+    including large |x| where the tanh approximation is off by ~5e-4."""
+    from scipy.special import erf
+
+    from zoo.models.layers import gelu
+    x = np.concatenate([np.linspace(-8, 8, 4001), [-30.0, -10.0, 0.0, 10.0, 30.0]])
+    cdf = 0.5 * (1 + erf(x / np.sqrt(2)))
+    pdf = np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+    xs = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(np.asarray(gelu(xs)), x * cdf, atol=2e-6, rtol=1e-6)
+    grad = jax.vmap(jax.grad(gelu))(xs)
+    np.testing.assert_allclose(np.asarray(grad), cdf + x * pdf, atol=2e-6, rtol=1e-5)
+    tanh = np.asarray(jax.nn.gelu(xs, approximate=True))
+    assert np.max(np.abs(tanh - x * cdf)) > 1e-4  # the test tells exact from the tanh form

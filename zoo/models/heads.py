@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo.models.layers import dense, param
+from zoo.models.layers import dense, gelu, param
 
 BN_EPS = 1e-5   # torch.nn.BatchNorm1d's and SimCLR's BATCH_NORM_EPSILON
 
@@ -100,7 +100,7 @@ class DinoHead(nnx.Module):
             x = layer(x)
             if self.norms is not None:
                 x = self.norms[i](x)
-            x = jax.nn.gelu(x, approximate=False)
+            x = gelu(x)
         x = l2_normalize(self.layers[-1](x))
         weight = self.last[...]
         weight = jnp.where(freeze_last, jax.lax.stop_gradient(weight), weight)

@@ -5,6 +5,7 @@ axes. ``dtype`` is the compute dtype (e.g. bfloat16); parameters are always floa
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -47,6 +48,14 @@ def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNor
             scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
             rngs=rngs)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, ``x * Phi(x)``, in the formula of torch.nn.GELU() (the references' default):
+    ``0.5 * x * (1 + erf(x / sqrt(2)))``. ``jax.nn.gelu(x, approximate=False)`` gives the same
+    values through ``erfc``, which XLA:CPU evaluates about twice as slowly as ``erf`` (the MAE
+    ViT-S/16 bench step: ~60 ms of ~1.5 s, same-process A/B)."""
+    return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
 
 
 # How attention is computed (``model.attention``); every choice gives the same values up to
@@ -162,8 +171,7 @@ class Mlp(nnx.Module):
         self.fc2 = dense(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Exact (erf) GELU, as torch.nn.GELU() in the reference.
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
