@@ -23,6 +23,7 @@ def test_bench_mae_tiny_reports_consistent_figures():
     assert abs(result["mfu"] - achieved / result["matmul_peak_gflops_per_second"]) < 1e-9
     assert 0.5 < result["xla_gflops_per_step"] / result["model_gflops_per_step"] < 2.0
     assert "MFU" in printed[0] and "ViT-test/4" in printed[0]
+    assert result["page_faults_per_step"] >= 0 and "page faults / step" in printed[0]
 
 
 def test_the_mfu_peak_is_measured_in_the_compute_dtype(monkeypatch):

@@ -30,7 +30,8 @@ SPEC = DatasetSpec(name="synthetic", image_shape=IMAGE, num_classes=None,
 # lr 1e-4 without warmup: the first step already moves every parameter, and Adam's ~lr move of
 # an element whose gradient is float noise stays far below the 1e-5 tolerance (see
 # tests/test_text_objectives.py for the measurement behind this choice).
-OVERRIDES = ("model.width=64", "optim.warmup_steps=0", "optim.lr=1e-4", "progress=False",
+LR = 1e-4
+OVERRIDES = ("model.width=64", "optim.warmup_steps=0", f"optim.lr={LR}", "progress=False",
              "peak_flops=1e12", f"data.batch_size={BATCH}")
 
 
@@ -136,6 +137,15 @@ def test_one_and_eight_devices_give_the_same_steps(name):
                                    one["metrics"][i]["grad_norm"], rtol=1e-4)
         for (path, a), (_, b) in zip(leaves_with_paths(one["params"][i]),
                                      leaves_with_paths(eight["params"][i])):
+            if path.endswith("['qkv']['bias'].value"):
+                # The key bias's gradient is structurally zero (q.b shifts a whole row of
+                # scores, which the softmax ignores), so it is float noise, and Adam turns
+                # noise of ~eps size into moves of a fraction of lr that differ between
+                # meshes: those elements are only held to Adam's bound, lr per step.
+                third = a.shape[-1] // 3
+                keys = slice(third, 2 * third)
+                assert np.max(np.abs(b[..., keys] - a[..., keys])) <= 2 * LR * (i + 1), path
+                a, b = np.delete(a, np.s_[keys], -1), np.delete(b, np.s_[keys], -1)
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-5,
                                        err_msg=f"{name}: {path} after step {i + 1}")
 

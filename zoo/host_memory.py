@@ -3,17 +3,20 @@
 XLA:CPU allocates a train step's temporaries (~1.2 GB for the MAE ViT-S/16 benchmark) from the
 C heap at every execution and frees them at the end. glibc hands blocks that large to ``mmap``
 and returns them with ``munmap``, and a worker thread's arena deletes heaps it no longer uses,
-so every step touches ~300,000 fresh pages: each is a page fault plus the kernel zeroing 4 KiB,
-~0.6 s of CPU time per step on the 2-core dev machine. Measured in one process, alternating
-(``experiments/bench_host_memory.py``): 1.36 s per step with memory kept vs 1.70 s without.
+so every step touches ~345,000 fresh pages: each is a page fault plus the kernel zeroing 4 KiB,
+~0.7 s of system CPU time per step on the 2-core dev machine. Measured in one process,
+alternating (``experiments/bench_host_memory.py``): 1.63 s per step with memory kept vs 2.06 s
+without.
 
 ``keep_freed_memory()`` (called when ``zoo`` is imported) tells glibc to serve every allocation
 from one heap (``M_ARENA_MAX=1``), never to use ``mmap`` for large blocks (``M_MMAP_MAX=0``) and
-never to give freed memory back (``M_TRIM_THRESHOLD``), so after the first step the buffers are
-reused pages. The cost: the process keeps its peak heap size until it exits (what a training
-process needs anyway). Set ``ZOO_HOST_MALLOC=system`` to keep glibc's defaults. It only takes
-full effect before JAX creates its CPU threads (their arenas already exist otherwise), so import
-``zoo`` before running JAX computations. A no-op where the C library is not glibc.
+to give memory back only when more than 2 GiB lie free at the heap's top (``M_TRIM_THRESHOLD``;
+mallopt takes a C int, so a step freeing more than that at once is still trimmed), so after the
+first step the buffers are reused pages. The cost: the process keeps its peak heap size until
+it exits (what a training process needs anyway). Set ``ZOO_HOST_MALLOC=system`` to keep glibc's
+defaults. It only takes full effect before JAX creates its CPU threads (their arenas already
+exist otherwise), so import ``zoo`` before running JAX computations. A no-op where the C library
+is not glibc.
 """
 from __future__ import annotations
 
@@ -34,7 +37,11 @@ _applied: bool | None = None
 
 
 def _glibc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    try:
+        libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):  # not a glibc system
+        return None
+    if platform.system() != "Linux" or not libc_version.startswith("glibc"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
