@@ -1,7 +1,8 @@
 """``zoo bench mae``: step time, images/s and MFU of the shared train step (prints figures).
 
-The matmul peak is measured in the same process, just before the step is timed, so MFU is a ratio
-of two figures taken under the same machine load.
+The matmul peak is measured in the same process: for MAE next to every timed step, with MFU the
+median of the per-step ratios; for the text benchmarks once, just before timing. Either way MFU
+is a ratio of figures taken under the same machine load.
 """
 from __future__ import annotations
 
@@ -56,18 +57,22 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
         for i in range(warmup):
             state, metrics = step_fn(state, batches[i % 2])
         jax.block_until_ready(metrics)
-    # Measured just before timing, on one device, outside the mesh context (which rejects it).
-    peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
-    if jax.devices()[0].platform != "cpu":
-        peak *= len(experiment.mesh.devices.flat)
-    with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-        times, faults = [], []
-        for i in range(steps):
+    # The peak is measured next to every timed step (on one device, outside the mesh context,
+    # which rejects it), and MFU is the median of the per-step ratios: a shared machine's speed
+    # drifts by +-20% within minutes, and a peak taken once can land in a different moment.
+    dtype = config_lib.DTYPES[config.model.dtype]
+    devices_in_mesh = 1 if jax.devices()[0].platform == "cpu" else len(experiment.mesh.devices.flat)
+    times, faults, peaks = [], [], []
+    for i in range(steps):
+        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
             before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             state, metrics = step_fn(state, batches[i % 2])
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        peaks.append(measure_matmul_peak(dtype=dtype, repeats=2) * devices_in_mesh)
+    mfus = [experiment.step_flops / t / p for t, p in zip(times, peaks)]
+    peak = statistics.median(peaks)
     step_time = statistics.median(times)
     flops = experiment.step_flops
     result = {
@@ -80,7 +85,8 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
         "xla_gflops_per_step": None if xla_flops is None else xla_flops / 1e9,
         "achieved_gflops_per_second": flops / step_time / 1e9,
         "matmul_peak_gflops_per_second": peak / 1e9,
-        "mfu": flops / step_time / peak,
+        "mfu": statistics.median(mfus),   # median of per-step ratios (see above)
+        "mfu_per_step": mfus,
         "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # Host page faults per step: ~0 when freed memory is kept mapped (zoo/host_memory.py).
         "page_faults_per_step": statistics.median(faults),
