@@ -22,7 +22,7 @@ from zoo import host_memory
 def set_mode(libc, keep: bool) -> None:
     if keep:
         libc.mallopt(host_memory.M_MMAP_MAX, 0)
-        libc.mallopt(host_memory.M_TRIM_THRESHOLD, 2**31 - 1)
+        libc.mallopt(host_memory.M_TRIM_THRESHOLD, host_memory.KEEP_TRIM_THRESHOLD)
     else:  # glibc's defaults (the mmap threshold stays at its 128 KiB default)
         libc.mallopt(host_memory.M_MMAP_MAX, 65536)
         libc.mallopt(host_memory.M_TRIM_THRESHOLD, 128 * 1024)
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12, help="blocks of 3 steps (2 timed)")
     args = parser.parse_args(argv)
-    libc = host_memory._glibc()
+    libc = host_memory.glibc_library()
     if libc is None or not host_memory.keep_freed_memory():
         raise SystemExit("needs glibc and ZOO_HOST_MALLOC unset or 'keep'")
 
@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
                 before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 state, metrics = step_fn(state, batch)
                 jax.block_until_ready(metrics)
-                seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+                seconds = time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_SELF)
                 if i:
                     rows[mode].append((seconds, after.ru_minflt - before.ru_minflt,
                                        after.ru_utime - before.ru_utime,
@@ -74,7 +75,8 @@ def main(argv=None) -> dict:
     set_mode(libc, True)
     result = {}
     print(f"MAE ViT-S/16 bench step, {args.rounds} alternating blocks (medians per step)")
-    print(f"{'host memory':>12} {'step s':>8} {'min s':>7} {'page faults':>12} {'user s':>7} {'sys s':>6}")
+    print(f"{'host memory':>12} {'step s':>8} {'min s':>7} {'page faults':>12} "
+          f"{'user s':>7} {'sys s':>6}")
     for mode, values in rows.items():
         column = lambda j: statistics.median(v[j] for v in values)  # noqa: E731
         result[mode] = {"step_seconds": column(0), "min_seconds": min(v[0] for v in values),
@@ -83,7 +85,8 @@ def main(argv=None) -> dict:
         r = result[mode]
         print(f"{mode:>12} {r['step_seconds']:8.3f} {r['min_seconds']:7.3f} "
               f"{r['page_faults']:12.0f} {r['user_seconds']:7.2f} {r['system_seconds']:6.2f}")
-    print(f"keep / system step time: {result['keep']['step_seconds'] / result['system']['step_seconds']:.3f}")
+    ratio = result["keep"]["step_seconds"] / result["system"]["step_seconds"]
+    print(f"keep / system step time: {ratio:.3f}")
     return result
 
 

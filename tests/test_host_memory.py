@@ -25,7 +25,8 @@ PROBE = textwrap.dedent("""
     round_trip()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     round_trip()
-    print(host_memory.keep_freed_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(host_memory.keep_freed_memory(), faults)
 """)
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

@@ -29,14 +29,16 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-_KEEP = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+KEEP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: 2 GiB is the most it accepts
+_KEEP = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
 ENV = "ZOO_HOST_MALLOC"
 CHOICES = ("keep", "system")
 
 _applied: bool | None = None
 
 
-def _glibc():
+def glibc_library():
+    """The C library as a ctypes handle where it is glibc with ``mallopt``; None elsewhere."""
     try:
         libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (AttributeError, ValueError, OSError):  # not a glibc system
@@ -59,6 +61,6 @@ def keep_freed_memory() -> bool:
     choice = os.environ.get(ENV, "keep").strip().lower() or "keep"
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r}: allowed values are {CHOICES}")
-    libc = _glibc() if choice == "keep" else None
+    libc = glibc_library() if choice == "keep" else None
     _applied = bool(libc) and all(libc.mallopt(param, value) == 1 for param, value in _KEEP)
     return _applied
