@@ -1,8 +1,8 @@
 """``zoo bench mae``: step time, images/s and MFU of the shared train step (prints figures).
 
-The matmul peak is measured in the same process: for MAE next to every timed step, with MFU the
-median of the per-step ratios; for the text benchmarks once, just before timing. Either way MFU
-is a ratio of figures taken under the same machine load.
+The matmul peak is measured in the same process next to every timed step (``paired_peak``), and
+MFU is the median of the per-step ratios, so a fast or slow moment of a shared machine lands on
+both sides of each ratio.
 """
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def mae_bench_config(*, size: str = "S", patch_size: int = 16, batch_size: int =
         mesh=mesh, steps=1000, progress=False))
 
 
+def paired_peak(experiment, config: config_lib.Config) -> float:
+    """The matmul peak (FLOP/s) taken next to one timed step: two products in the run's compute
+    dtype on one device (times the mesh's devices on accelerators; on CPU they share the cores),
+    outside the mesh context, which rejects it."""
+    peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype], repeats=2)
+    return peak if jax.devices()[0].platform == "cpu" else peak * len(experiment.mesh.devices.flat)
+
+
 def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices=None,
               print_fn=print, **config_kwargs) -> dict:
     """Times the MAE train step; returns (and prints) step time, images/s, MFU and friends."""
@@ -60,8 +68,6 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
     # The peak is measured next to every timed step (on one device, outside the mesh context,
     # which rejects it), and MFU is the median of the per-step ratios: a shared machine's speed
     # drifts by +-20% within minutes, and a peak taken once can land in a different moment.
-    dtype = config_lib.DTYPES[config.model.dtype]
-    devices_in_mesh = 1 if jax.devices()[0].platform == "cpu" else len(experiment.mesh.devices.flat)
     times, faults, peaks = [], [], []
     for i in range(steps):
         with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
@@ -70,7 +76,7 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        peaks.append(measure_matmul_peak(dtype=dtype, repeats=2) * devices_in_mesh)
+        peaks.append(paired_peak(experiment, config))
     mfus = [experiment.step_flops / t / p for t, p in zip(times, peaks)]
     peak = statistics.median(peaks)
     step_time = statistics.median(times)
@@ -167,14 +173,12 @@ def bench_text(objective: str = "mlm", *, vocab_size: int = BERT_VOCAB, steps: i
         corrupted = [prepare(b, jax.random.PRNGKey(i)) for i, b in enumerate(batches)]
     states = {name: init_state(experiment) for name in variants}
     times = {name: [] for name in variants}
-    # The peak is measured on one device, outside the mesh context (which would reject it).
-    peak = measure_matmul_peak(dtype=config_lib.DTYPES[config.model.dtype])
-    if jax.devices()[0].platform != "cpu":
-        peak *= len(experiment.mesh.devices.flat)
     with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
         xla_flops = compiled_flops(variants["on_device"].lower(states["on_device"],
                                                                batches[0]).compile())
-        for i in range(warmup + steps):
+    peaks = []  # one next to every timed pair, as in bench_mae
+    for i in range(warmup + steps):
+        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
             # Alternate which variant runs first: on this CPU the first step of a pair ran ~4%
             # slower whichever it was, which a fixed order charged to on-device corruption.
             order = list(variants) if i % 2 == 0 else list(variants)[::-1]
@@ -186,6 +190,8 @@ def bench_text(objective: str = "mlm", *, vocab_size: int = BERT_VOCAB, steps: i
                 jax.block_until_ready(metrics)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
+        if i >= warmup:
+            peaks.append(paired_peak(experiment, config))
     step_time = statistics.median(times["on_device"])
     flops = experiment.step_flops
     result = {
@@ -197,7 +203,8 @@ def bench_text(objective: str = "mlm", *, vocab_size: int = BERT_VOCAB, steps: i
         "tokens_per_second": config.data.batch_size * config.data.seq_len / step_time,
         "model_gflops_per_step": flops / 1e9,
         "xla_gflops_per_step": None if xla_flops is None else xla_flops / 1e9,
-        "matmul_peak_gflops_per_second": peak / 1e9, "mfu": flops / step_time / peak,
+        "matmul_peak_gflops_per_second": statistics.median(peaks) / 1e9,
+        "mfu": statistics.median(flops / t / p for t, p in zip(times["on_device"], peaks)),
         "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss": float(metrics["loss"]),
     }
