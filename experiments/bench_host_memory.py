@@ -38,22 +38,12 @@ def main(argv=None) -> dict:
         raise SystemExit("needs glibc and ZOO_HOST_MALLOC unset or 'keep'")
 
     import jax
-    import numpy as np
     from flax import nnx
 
-    from zoo import bench
-    from zoo.data import DatasetSpec
-    from zoo.train import build, global_batch, init_state, make_train_step
+    from zoo.bench import mae_bench_setup
 
-    config = bench.mae_bench_config()
-    spec = DatasetSpec(name="synthetic", image_shape=(224, 224, 3), num_classes=None,
-                       splits={"train": 1 << 20})
-    experiment = build(config, data_spec=spec)
-    state, step_fn = init_state(experiment), make_train_step(experiment)
-    rng = np.random.default_rng(0)
-    batch = global_batch(experiment, {
-        "image": rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8),
-        "label": np.zeros((16,), np.int32)})
+    config, experiment, state, step_fn, batches = mae_bench_setup()
+    batch = batches[0]
     rows = {"keep": [], "system": []}
     with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
         for _ in range(2):

@@ -1,12 +1,13 @@
 """zoo keeps freed host memory mapped (zoo/host_memory.py): a block freed and allocated again
 costs no page faults, unlike glibc's defaults, and ZOO_HOST_MALLOC is validated."""
 import os
-import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from zoo.host_memory import glibc_library
 
 # Allocates 64 MiB through the C heap twice (writing every byte) and prints how many page faults
 # the second round cost.
@@ -28,7 +29,7 @@ PROBE = textwrap.dedent("""
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     print(host_memory.keep_freed_memory(), faults)
 """)
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = glibc_library() is not None
 
 
 def run_probe(mode: str | None):

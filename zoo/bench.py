@@ -41,9 +41,9 @@ def paired_peak(experiment, config: config_lib.Config) -> float:
     return peak if jax.devices()[0].platform == "cpu" else peak * len(experiment.mesh.devices.flat)
 
 
-def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices=None,
-              print_fn=print, **config_kwargs) -> dict:
-    """Times the MAE train step; returns (and prints) step time, images/s, MFU and friends."""
+def mae_bench_setup(*, image_size: int = 224, devices=None, **config_kwargs):
+    """The MAE bench's pieces: ``(config, experiment, state, step_fn, batches)`` with two
+    synthetic global batches (also used by experiments/bench_host_memory.py)."""
     from zoo.data import DatasetSpec
     from zoo.train import build, global_batch, init_state, make_train_step
 
@@ -51,14 +51,21 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
     spec = DatasetSpec(name="synthetic", image_shape=(image_size, image_size, 3),
                        num_classes=None, splits={"train": 1 << 20})
     experiment = build(config, devices=devices, data_spec=spec)
-    state = init_state(experiment)
-    step_fn = make_train_step(experiment)
     rng = np.random.default_rng(0)
     local = config.data.batch_size // jax.process_count()
     batches = [global_batch(experiment, {
         "image": rng.integers(0, 256, (local, image_size, image_size, 3), dtype=np.uint8),
         "label": np.zeros((local,), np.int32)}) for _ in range(2)]
+    return config, experiment, init_state(experiment), make_train_step(experiment), batches
+
+
+def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices=None,
+              print_fn=print, **config_kwargs) -> dict:
+    """Times the MAE train step; returns (and prints) step time, images/s, MFU and friends."""
     from flax import nnx
+
+    config, experiment, state, step_fn, batches = mae_bench_setup(
+        image_size=image_size, devices=devices, **config_kwargs)
     with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
         compiled = step_fn.lower(state, batches[0]).compile()
         xla_flops = compiled_flops(compiled)
@@ -77,10 +84,10 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         peaks.append(paired_peak(experiment, config))
-    mfus = [experiment.step_flops / t / p for t, p in zip(times, peaks)]
+    flops = experiment.step_flops
+    mfus = [flops / t / p for t, p in zip(times, peaks)]
     peak = statistics.median(peaks)
     step_time = statistics.median(times)
-    flops = experiment.step_flops
     result = {
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x"
                   f"{len(experiment.mesh.devices.flat)}",
