@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.mesh import shard_activation
+from zoo.models.linear import Dense
 
 LN_EPS = 1e-6  # MAE/timm use LayerNorm(eps=1e-6)
 
@@ -31,10 +32,11 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, 
 
 
 def dense(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-          rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True) -> nnx.Linear:
-    """A Linear layer with xavier-uniform kernel and zero bias (MAE's ``_init_weights``)."""
+          rngs: nnx.Rngs, dtype=jnp.float32, use_bias: bool = True) -> Dense:
+    """A Linear layer with xavier-uniform kernel and zero bias (MAE's ``_init_weights``); its
+    backward pass is ``zoo.models.linear``'s."""
     with _lazy_sharding():
-        return nnx.Linear(
+        return Dense(
             in_features, out_features, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias,
             kernel_init=nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
