@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from zoo.models import layers
-from zoo.models.linear import Dense, dense_backward, linear
+from zoo.models.backward import backward_mode
+from zoo.models.linear import Dense, linear
 
 
 def _reference(x, w, b):
@@ -83,14 +84,14 @@ def test_forward_mode_needs_the_autodiff_backward():
     dx = jnp.ones_like(x)
     with pytest.raises(TypeError, match="forward-mode|jvp"):
         jax.jvp(lambda x: linear(x, w, b), (x,), (dx,))
-    with dense_backward("autodiff"):
+    with backward_mode("autodiff"):
         _, tangent = jax.jvp(lambda x: linear(x, w, b), (x,), (dx,))
     np.testing.assert_allclose(tangent, dx @ w, rtol=1e-5)
 
 
 def test_bad_mode_and_shapes_are_one_line_errors():
-    with pytest.raises(ValueError, match=r"dense_backward: unknown mode 'fast'.*allowed"):
-        with dense_backward("fast"):
+    with pytest.raises(ValueError, match=r"backward_mode: unknown mode 'fast'.*allowed"):
+        with backward_mode("fast"):
             pass
     with pytest.raises(ValueError, match=r"linear: input \(2, 3\), kernel \(4, 5\)"):
         linear(jnp.ones((2, 3)), jnp.ones((4, 5)))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zoo.mesh import shard_activation
+from zoo.models.layer_norm import LayerNorm
 from zoo.models.linear import Dense
 
 LN_EPS = 1e-6  # MAE/timm use LayerNorm(eps=1e-6)
@@ -43,9 +44,10 @@ def dense(in_features: int, out_features: int, axes: tuple[str | None, str | Non
             rngs=rngs)
 
 
-def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
+def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> LayerNorm:
+    """LayerNorm(eps=1e-6) over the last axis, with ``zoo.models.layer_norm``'s backward pass."""
     with _lazy_sharding():
-        return nnx.LayerNorm(
+        return LayerNorm(
             width, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
             scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),

@@ -8,13 +8,10 @@ weight-gradient product and pads/transposes around the fused qkv projection. Fla
 leading dimensions and asking for ``dot(x^T, g)`` directly lets the matmul read both operands in
 place: the MAE ViT-S/16 bench step drops from ~1.5 s to ~1.3 s (same-process A/B, 2-core CPU).
 
-The cost: a ``jax.custom_vjp`` supports reverse mode (grad, vjp, remat, scan, vmap) but not
-forward mode: ``jax.jvp``/``jax.jacfwd`` through a zoo model raise. ``dense_backward("autodiff")``
-switches back to autodiff's version for code that needs forward mode.
+Forward-mode AD (``jax.jvp``) needs ``zoo.models.backward.backward_mode("autodiff")``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -22,26 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-_BACKWARD = {"mode": "flat"}
-BACKWARD_MODES = ("flat", "autodiff")
-
-
-@contextlib.contextmanager
-def dense_backward(mode: str):
-    """Chooses the dense layers' backward pass while tracing: "flat" (default, the hand-written
-    one) or "autodiff" (JAX's own, which also supports forward-mode AD).
-
-    >>> with dense_backward("autodiff"):
-    ...     tangent_out = jax.jvp(lambda x: model(x), (x,), (dx,))  # doctest: +SKIP
-    """
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"dense_backward: unknown mode {mode!r}; allowed: {BACKWARD_MODES}")
-    old = _BACKWARD["mode"]
-    _BACKWARD["mode"] = mode
-    try:
-        yield
-    finally:
-        _BACKWARD["mode"] = old
+from zoo.models.backward import hand_written
 
 
 def _forward(x, kernel, bias, precision):
@@ -82,9 +60,9 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     if x.shape[-1] != kernel.shape[0] or (bias is not None and bias.shape != kernel.shape[1:]):
         raise ValueError(f"linear: input {x.shape}, kernel {kernel.shape} and bias "
                          f"{None if bias is None else bias.shape} do not fit together")
-    if _BACKWARD["mode"] == "autodiff":
-        return _forward(x, kernel, bias, precision)
-    return _linear(x, kernel, bias, precision)
+    if hand_written():
+        return _linear(x, kernel, bias, precision)
+    return _forward(x, kernel, bias, precision)
 
 
 class Dense(nnx.Linear):

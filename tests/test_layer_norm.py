@@ -1,0 +1,106 @@
+"""zoo.models.layer_norm: torch.nn.LayerNorm's values, and autodiff's gradients of them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from zoo.models import layers
+from zoo.models.backward import backward_mode
+from zoo.models.layer_norm import LayerNorm, layer_norm
+
+
+def _reference(x, scale, bias, eps):
+    """Float64 numpy LayerNorm: biased variance over the last axis (torch's definition)."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(scale, np.float64) + np.asarray(
+        bias, np.float64)
+
+
+def _operands(shape, seed=0, offset=0.0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(keys[0], shape) * 3 + offset
+    scale = 1 + 0.5 * jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    cotangent = jax.random.normal(keys[3], shape)
+    return x, scale, bias, cotangent
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16), (16,)])
+def test_values_match_float64_layer_norm(shape):
+    x, scale, bias, _ = _operands(shape)
+    np.testing.assert_allclose(layer_norm(x, scale, bias, 1e-6), _reference(x, scale, bias, 1e-6),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_large_offset_uses_two_pass_variance():
+    # Noise of std 0.03 on an offset of 3000: E[x^2] - E[x]^2 in float32 is off by ~70 here
+    # (flax's use_fast_variance); the two-pass variance stays within float32 rounding of x - mean.
+    x = 3000.0 + 0.03 * jax.random.normal(jax.random.PRNGKey(7), (4, 64))
+    ones, zeros = jnp.ones(64), jnp.zeros(64)
+    error = np.abs(np.asarray(layer_norm(x, ones, zeros, 1e-6)) - _reference(x, ones, zeros, 1e-6))
+    assert error.max() < 0.02, error.max()
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16)])
+def test_gradients_match_autodiff(shape):
+    x, scale, bias, g = _operands(shape, seed=1)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, 1e-6)) * g)  # noqa: E731
+    ours = jax.grad(loss(layer_norm), argnums=(0, 1, 2))(x, scale, bias)
+    with backward_mode("autodiff"):
+        expected = jax.grad(loss(layer_norm), argnums=(0, 1, 2))(x, scale, bias)
+    for name, a, e in zip(("x", "scale", "bias"), ours, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_gradient_wrt_input_against_finite_differences():
+    x, scale, bias, g = _operands((3, 8), seed=2)
+    x64 = np.asarray(x, np.float64)
+    grad = np.asarray(jax.grad(lambda x: jnp.sum(layer_norm(x, scale, bias, 1e-6) * g))(x))
+    eps = 1e-5
+    for i, j in [(0, 0), (1, 5), (2, 7)]:
+        up, down = x64.copy(), x64.copy()
+        up[i, j] += eps
+        down[i, j] -= eps
+        numeric = (np.sum(_reference(up, scale, bias, 1e-6) * np.asarray(g, np.float64))
+                   - np.sum(_reference(down, scale, bias, 1e-6) * np.asarray(g, np.float64))) / (
+                       2 * eps)
+        np.testing.assert_allclose(grad[i, j], numeric, rtol=1e-3, atol=1e-4)
+
+
+def test_bfloat16_input_keeps_dtype_with_float32_statistics():
+    x, scale, bias, g = _operands((8, 32), seed=3)
+    xb = x.astype(jnp.bfloat16)
+    y = layer_norm(xb, scale.astype(jnp.bfloat16), bias.astype(jnp.bfloat16), 1e-6)
+    assert y.dtype == jnp.bfloat16
+    d_x = jax.grad(lambda x: jnp.sum(layer_norm(x, scale, bias, 1e-6) * g))(xb)
+    assert d_x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               _reference(np.asarray(xb, np.float32), np.asarray(
+                                   scale.astype(jnp.bfloat16), np.float32), np.asarray(
+                                   bias.astype(jnp.bfloat16), np.float32), 1e-6),
+                               rtol=3e-2, atol=3e-2)
+
+
+def test_module_matches_flax_layer_norm_and_falls_back_for_masks():
+    ours = layers.layer_norm(16, rngs=nnx.Rngs(0))
+    assert isinstance(ours, LayerNorm) and isinstance(ours, nnx.LayerNorm)
+    ours.scale[...] = 1 + jax.random.normal(jax.random.PRNGKey(4), (16,))
+    ours.bias[...] = jax.random.normal(jax.random.PRNGKey(5), (16,))
+    flax_ln = nnx.LayerNorm(16, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
+    flax_ln.scale[...], flax_ln.bias[...] = ours.scale[...], ours.bias[...]
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 5, 16))
+    np.testing.assert_allclose(ours(x), flax_ln(x), rtol=1e-5, atol=1e-5)
+    grads = [nnx.grad(lambda m: jnp.sum(jnp.cos(m(x))))(m) for m in (ours, flax_ln)]
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(getattr(grads[0], name)[...], getattr(grads[1], name)[...],
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+    mask = jnp.arange(16) < 12
+    np.testing.assert_allclose(ours(x, mask=mask), flax_ln(x, mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_shape_mismatch_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"layer_norm: input \(2, 8\) needs scale and bias"):
+        layer_norm(jnp.ones((2, 8)), jnp.ones(4), jnp.zeros(8))

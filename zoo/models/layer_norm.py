@@ -1,0 +1,88 @@
+"""LayerNorm over the last axis with a hand-written backward pass (the layer every zoo block uses).
+
+Values are torch.nn.LayerNorm's: mean and biased variance over the last axis (two passes, not
+E[x^2] - E[x]^2), ``(x - mean) / sqrt(var + eps) * scale + bias``, statistics in float32 for
+16-bit inputs. The backward pass is the textbook one,
+``dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))`` with ``dxhat = dy * scale``,
+from the saved input, mean and ``rstd``; autodiff's version of the same formula compiles on
+XLA:CPU into more passes over the activations (MAE ViT-S/16 bench step: ~-2%, same-process A/B).
+Forward-mode AD needs ``zoo.models.backward.backward_mode("autodiff")``.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from zoo.models.backward import hand_written
+
+
+def _statistics(x, eps):
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return x, mean, rstd
+
+
+def _normalise(x, scale, bias, eps):
+    x32, mean, rstd = _statistics(x, eps)
+    y = (x32 - mean) * rstd * scale + bias
+    return y.astype(x.dtype), (x, mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+    return _normalise(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    y, (x, mean, rstd) = _normalise(x, scale, bias, eps)
+    return y, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    x, mean, rstd, scale = residuals
+    dy = dy.astype(mean.dtype)
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    rows, xhat_rows = dy.reshape(-1, dy.shape[-1]), xhat.reshape(-1, xhat.shape[-1])
+    d_scale = jnp.sum(rows * xhat_rows, axis=0).astype(scale.dtype)
+    d_bias = jnp.sum(rows, axis=0).astype(scale.dtype)
+    d_xhat = dy * scale
+    d_x = rstd * (d_xhat - jnp.mean(d_xhat, axis=-1, keepdims=True)
+                  - xhat * jnp.mean(d_xhat * xhat, axis=-1, keepdims=True))
+    return d_x.astype(x.dtype), d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm of ``x`` over its last axis with ``scale`` and ``bias`` of that size.
+
+    >>> layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), eps=0.0)
+    Array([[-1.,  1.]], dtype=float32)
+    """
+    if scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
+        raise ValueError(f"layer_norm: input {x.shape} needs scale and bias of shape "
+                         f"{x.shape[-1:]}, got {scale.shape} and {bias.shape}")
+    if hand_written():
+        return _layer_norm(x, scale, bias, float(eps))
+    return _normalise(x, scale, bias, eps)[0]
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` (same parameters and names) computed through ``layer_norm``; settings
+    it does not cover (a mask, other axes, no scale or bias, a device axis name) use flax's."""
+
+    def __call__(self, x, *, mask=None):
+        plain = (mask is None and self.scale is not None and self.bias is not None
+                 and self.axis_name is None and self.reduction_axes in (-1, (-1,))
+                 and self.feature_axes in (-1, (-1,)))
+        if not plain:
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return layer_norm(x, scale, bias, self.epsilon)
