@@ -85,6 +85,27 @@ def resolve_attention(implementation: str, dtype, masked: bool) -> str:
     return "fused" if on_gpu and half and not masked else "einsum"
 
 
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis, differentiated as ``y * (t - sum(y * t))`` from its output
+    ``y`` alone. (``jax.nn.softmax`` does the same only under the ``jax_softmax_custom_jvp``
+    flag, off by default; otherwise autodiff goes through exp / sum and its backward reads two
+    [B, H, L, L] tensors: the MAE ViT-S/16 bench step is ~3% faster with this one.)
+
+    >>> softmax(jnp.array([0.0, jnp.log(3.0)]))
+    Array([0.25, 0.75], dtype=float32)
+    """
+    unnormalised = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = softmax(x)
+    return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
+
+
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      mask: jax.Array | None) -> jax.Array:
     """Softmax attention over heads-major [B, H, L, D] queries and [B, H, S, D] keys/values ->
@@ -93,7 +114,7 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scores = jnp.einsum("bhqd,bhkd->bhqk", q * q.shape[-1]**-0.5, k).astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    weights = softmax(scores).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 

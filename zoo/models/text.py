@@ -22,7 +22,7 @@ from flax import nnx
 
 from zoo.mesh import shard_activation
 from zoo.models.layers import (Attention, Block, Mlp, ScannedBlocks, call_block, dense,
-                               fused_attention, layer_norm, param, resolve_attention)
+                               fused_attention, layer_norm, param, resolve_attention, softmax)
 from zoo.models.posemb import sincos_1d
 from zoo.text import PAD
 
@@ -163,7 +163,7 @@ class CrossAttention(nnx.Module):
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            weights = softmax(scores).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self.proj(out.reshape(batch, length, width))
 
