@@ -7,7 +7,7 @@ from flax import nnx
 
 from zoo.models import layers
 from zoo.models.backward import backward_mode
-from zoo.models.layer_norm import LayerNorm, layer_norm
+from zoo.models.layer_norm import LayerNorm, apply_layer_norm
 
 
 def _reference(x, scale, bias, eps):
@@ -31,8 +31,8 @@ def _operands(shape, seed=0, offset=0.0):
 @pytest.mark.parametrize("shape", [(5, 8), (2, 3, 16), (16,)])
 def test_values_match_float64_layer_norm(shape):
     x, scale, bias, _ = _operands(shape)
-    np.testing.assert_allclose(layer_norm(x, scale, bias, 1e-6), _reference(x, scale, bias, 1e-6),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(apply_layer_norm(x, scale, bias, 1e-6),
+                               _reference(x, scale, bias, 1e-6), rtol=1e-5, atol=1e-5)
 
 
 def test_large_offset_uses_two_pass_variance():
@@ -40,7 +40,8 @@ def test_large_offset_uses_two_pass_variance():
     # (flax's use_fast_variance); the two-pass variance stays within float32 rounding of x - mean.
     x = 3000.0 + 0.03 * jax.random.normal(jax.random.PRNGKey(7), (4, 64))
     ones, zeros = jnp.ones(64), jnp.zeros(64)
-    error = np.abs(np.asarray(layer_norm(x, ones, zeros, 1e-6)) - _reference(x, ones, zeros, 1e-6))
+    ours = np.asarray(apply_layer_norm(x, ones, zeros, 1e-6))
+    error = np.abs(ours - _reference(x, ones, zeros, 1e-6))
     assert error.max() < 0.02, error.max()
 
 
@@ -48,9 +49,9 @@ def test_large_offset_uses_two_pass_variance():
 def test_gradients_match_autodiff(shape):
     x, scale, bias, g = _operands(shape, seed=1)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, 1e-6)) * g)  # noqa: E731
-    ours = jax.grad(loss(layer_norm), argnums=(0, 1, 2))(x, scale, bias)
+    ours = jax.grad(loss(apply_layer_norm), argnums=(0, 1, 2))(x, scale, bias)
     with backward_mode("autodiff"):
-        expected = jax.grad(loss(layer_norm), argnums=(0, 1, 2))(x, scale, bias)
+        expected = jax.grad(loss(apply_layer_norm), argnums=(0, 1, 2))(x, scale, bias)
     for name, a, e in zip(("x", "scale", "bias"), ours, expected):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5, err_msg=name)
 
@@ -58,7 +59,7 @@ def test_gradients_match_autodiff(shape):
 def test_gradient_wrt_input_against_finite_differences():
     x, scale, bias, g = _operands((3, 8), seed=2)
     x64 = np.asarray(x, np.float64)
-    grad = np.asarray(jax.grad(lambda x: jnp.sum(layer_norm(x, scale, bias, 1e-6) * g))(x))
+    grad = np.asarray(jax.grad(lambda x: jnp.sum(apply_layer_norm(x, scale, bias, 1e-6) * g))(x))
     eps = 1e-5
     for i, j in [(0, 0), (1, 5), (2, 7)]:
         up, down = x64.copy(), x64.copy()
@@ -73,9 +74,9 @@ def test_gradient_wrt_input_against_finite_differences():
 def test_bfloat16_input_keeps_dtype_with_float32_statistics():
     x, scale, bias, g = _operands((8, 32), seed=3)
     xb = x.astype(jnp.bfloat16)
-    y = layer_norm(xb, scale.astype(jnp.bfloat16), bias.astype(jnp.bfloat16), 1e-6)
+    y = apply_layer_norm(xb, scale.astype(jnp.bfloat16), bias.astype(jnp.bfloat16), 1e-6)
     assert y.dtype == jnp.bfloat16
-    d_x = jax.grad(lambda x: jnp.sum(layer_norm(x, scale, bias, 1e-6) * g))(xb)
+    d_x = jax.grad(lambda x: jnp.sum(apply_layer_norm(x, scale, bias, 1e-6) * g))(xb)
     assert d_x.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32),
                                _reference(np.asarray(xb, np.float32), np.asarray(
@@ -102,5 +103,5 @@ def test_module_matches_flax_layer_norm_and_falls_back_for_masks():
 
 
 def test_shape_mismatch_is_a_one_line_error():
-    with pytest.raises(ValueError, match=r"layer_norm: input \(2, 8\) needs scale and bias"):
-        layer_norm(jnp.ones((2, 8)), jnp.ones(4), jnp.zeros(8))
+    with pytest.raises(ValueError, match=r"apply_layer_norm: input \(2, 8\) needs scale"):
+        apply_layer_norm(jnp.ones((2, 8)), jnp.ones(4), jnp.zeros(8))

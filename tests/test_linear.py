@@ -80,7 +80,7 @@ def test_dense_module_matches_nnx_linear_and_keeps_its_parameters():
 
 
 def test_forward_mode_needs_the_autodiff_backward():
-    x, w, b, _ = _operands((2, 3), 4, True)
+    x, w, b, _ = _operands((2, 5, 3), 4, True)
     dx = jnp.ones_like(x)
     with pytest.raises(TypeError, match="forward-mode|jvp"):
         jax.jvp(lambda x: linear(x, w, b), (x,), (dx,))

@@ -60,14 +60,15 @@ def _layer_norm_bwd(eps, residuals, dy):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
+def apply_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     eps: float = 1e-6) -> jax.Array:
     """LayerNorm of ``x`` over its last axis with ``scale`` and ``bias`` of that size.
 
-    >>> layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), eps=0.0)
+    >>> apply_layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2), jnp.zeros(2), eps=0.0)
     Array([[-1.,  1.]], dtype=float32)
     """
     if scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
-        raise ValueError(f"layer_norm: input {x.shape} needs scale and bias of shape "
+        raise ValueError(f"apply_layer_norm: input {x.shape} needs scale and bias of shape "
                          f"{x.shape[-1:]}, got {scale.shape} and {bias.shape}")
     if hand_written():
         return _layer_norm(x, scale, bias, float(eps))
@@ -75,8 +76,9 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
 
 
 class LayerNorm(nnx.LayerNorm):
-    """``nnx.LayerNorm`` (same parameters and names) computed through ``layer_norm``; settings
-    it does not cover (a mask, other axes, no scale or bias, a device axis name) use flax's."""
+    """``nnx.LayerNorm`` (same parameters and names) computed through ``apply_layer_norm``;
+    settings it does not cover (a mask, other axes, no scale or bias, a device axis name) use
+    flax's."""
 
     def __call__(self, x, *, mask=None):
         plain = (mask is None and self.scale is not None and self.bias is not None
@@ -85,4 +87,4 @@ class LayerNorm(nnx.LayerNorm):
         if not plain:
             return super().__call__(x, mask=mask)
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        return layer_norm(x, scale, bias, self.epsilon)
+        return apply_layer_norm(x, scale, bias, self.epsilon)
