@@ -7,6 +7,7 @@ from flax import nnx
 
 from zoo import config as config_lib
 from zoo.models import layers
+from zoo.models.backward import backward_mode
 from zoo.models.text import CrossAttention
 
 
@@ -22,22 +23,36 @@ def reference_attention(q, k, v, mask):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_einsum_and_fused_match_a_numpy_reference(masked):
+def test_einsum_blas_and_fused_match_a_numpy_reference(masked):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
     mask = np.tril(np.ones((5, 5), bool))[None, None] if masked else None
     want = reference_attention(q, k, v, mask)
     heads_major = [jnp.swapaxes(t, 1, 2) for t in (q, k, v)]
     einsum = jnp.swapaxes(layers.einsum_attention(*heads_major, mask), 1, 2)
+    blas = jnp.swapaxes(layers.blas_attention(*heads_major, mask), 1, 2)
     fused = layers.fused_attention(q, k, v, mask)
     np.testing.assert_allclose(einsum, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(blas, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fused, want, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_resolves_to_einsum_on_cpu_and_unknown_names_fail():
+def test_auto_resolves_to_blas_or_einsum_on_cpu_and_unknown_names_fail():
     assert jax.default_backend() == "cpu"
+    assert layers.resolve_attention("auto", jnp.float32, False) == "blas"
+    assert layers.resolve_attention("auto", jnp.float32, True) == "blas"
     assert layers.resolve_attention("auto", jnp.bfloat16, False) == "einsum"
     assert layers.resolve_attention("fused", jnp.float32, True) == "fused"
+    with backward_mode("autodiff"):  # forward-mode AD needs the plain einsum
+        assert layers.resolve_attention("auto", jnp.float32, False) == "einsum"
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):  # a custom call has no sharding rule
+        assert layers.resolve_attention("auto", jnp.float32, False) == "einsum"
+        with pytest.raises(ValueError, match="'blas' cannot run here: the mesh has 8 devices"):
+            layers.resolve_attention("blas", jnp.float32, False)
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert layers.resolve_attention("auto", jnp.float32, False) == "blas"
+    with pytest.raises(ValueError, match="'blas' cannot run here: compute dtype is bfloat16"):
+        layers.resolve_attention("blas", jnp.bfloat16, False)
     with pytest.raises(ValueError, match="model.attention: unknown 'flash'"):
         layers.resolve_attention("flash", jnp.float32, False)
     with pytest.raises(ValueError, match="model.attention: unknown 'flash'"):
@@ -52,13 +67,14 @@ def test_self_and_cross_attention_modules_agree_across_implementations():
     attn = layers.Attention(16, 4, rngs=nnx.Rngs(0), implementation="einsum")
     cross = CrossAttention(16, 4, rngs=nnx.Rngs(0), implementation="einsum")
     outs = {}
-    for how in ("einsum", "fused"):
+    for how in ("einsum", "blas", "fused"):
         layers.set_attention(attn, how)
         layers.set_attention(cross, how)
         assert attn.attention_implementation == cross.attention_implementation == how
         outs[how] = (attn(x), attn(x, causal), cross(x, memory, cross_mask))
-    for einsum, fused in zip(outs["einsum"], outs["fused"]):
-        np.testing.assert_allclose(einsum, fused, rtol=1e-5, atol=1e-5)
+    for how in ("blas", "fused"):
+        for einsum, other in zip(outs["einsum"], outs[how]):
+            np.testing.assert_allclose(einsum, other, rtol=1e-5, atol=1e-5)
 
 
 def test_the_config_reaches_every_attention_layer_scanned_or_not():

@@ -157,6 +157,15 @@ def test_second_step_does_not_recompile(two_steps):
         assert int(run["state"].step) == 2
 
 
+def test_one_device_cpu_attention_runs_the_blas_kernel_and_sharded_runs_do_not(two_steps):
+    from zoo.models.cpu_kernel import TARGET
+    for name, expected in (("one", True), ("fsdp", False)):
+        run = two_steps[name]
+        with jax.set_mesh(run["experiment"].mesh), nnx.logical_axis_rules(run["config"].rules):
+            text = run["step"].lower(run["experiment"].abstract_state, run["batch"]).as_text()
+        assert (TARGET in text) == expected, name
+
+
 def test_analytic_flops_match_xla(two_steps):
     run = two_steps["one"]
     experiment = run["experiment"]

@@ -21,7 +21,7 @@ from zoo.mesh import DEFAULT_RULES
 
 NONFINITE_POLICIES = ("skip", "stop")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_batch")
-ATTENTIONS = ("auto", "einsum", "fused")  # zoo.models.layers.ATTENTION_IMPLEMENTATIONS
+ATTENTIONS = ("auto", "einsum", "blas", "fused")  # zoo.models.layers.ATTENTION_IMPLEMENTATIONS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -42,9 +42,10 @@ class ModelConfig:
     remat: str = "none"           # rematerialise each Transformer block in the backward pass:
                                   # "none" | "full" (keep only block inputs) | "dots" (keep
                                   # matmul outputs without batch dims) | "dots_with_batch"
-    attention: str = "auto"       # "einsum" | "fused" (jax.nn.dot_product_attention; cuDNN
-                                  # on GPU) | "auto" (fused on GPU with 16-bit compute where
-                                  # there is no mask, einsum otherwise)
+    attention: str = "auto"       # "einsum" | "blas" (BLAS per (batch, head) matrix; CPU,
+                                  # float32, one device) | "fused" (jax.nn.dot_product_attention;
+                                  # cuDNN on GPU) | "auto" (fused on GPU with 16-bit compute
+                                  # where there is no mask, blas where it runs, else einsum)
     scan_layers: bool = False     # stack the blocks' parameters and lax.scan over them (one
                                   # block compiled; changes the checkpoint layout)
 

@@ -4,7 +4,8 @@ Both layers have a hand-written backward pass (``jax.custom_vjp``; see ``zoo.mod
 and ``zoo.models.layer_norm`` for why: XLA:CPU compiles autodiff's version into extra copies
 and passes). A ``custom_vjp`` supports reverse mode (grad, vjp, remat, scan, vmap) but not
 forward mode, so ``jax.jvp``/``jax.jacfwd`` through a zoo model need ``backward_mode("autodiff")``,
-which traces the same layers as plain JAX code.
+which traces the same layers as plain JAX code (and makes ``model.attention="auto"`` take the
+einsum path instead of the "blas" kernel, whose backward is hand-written too).
 """
 from __future__ import annotations
 

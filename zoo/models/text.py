@@ -21,8 +21,9 @@ import numpy as np
 from flax import nnx
 
 from zoo.mesh import shard_activation
-from zoo.models.layers import (Attention, Block, Mlp, ScannedBlocks, call_block, dense,
-                               fused_attention, layer_norm, param, resolve_attention, softmax)
+from zoo.models.layers import (Attention, Block, Mlp, ScannedBlocks, blas_attention, call_block,
+                               dense, fused_attention, layer_norm, param, resolve_attention,
+                               softmax)
 from zoo.models.posemb import sincos_1d
 from zoo.text import PAD
 
@@ -160,6 +161,9 @@ class CrossAttention(nnx.Module):
         how = resolve_attention(self.attention_implementation, q.dtype, mask is not None)
         if how == "fused":
             out = fused_attention(q, k, v, mask)
+        elif how == "blas":
+            heads_major = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  [B, L, H, D] <-> [B, H, L, D]
+            out = heads_major(blas_attention(heads_major(q), heads_major(k), heads_major(v), mask))
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)

@@ -1,0 +1,121 @@
+"""zoo.models.cpu_kernel: the BLAS batched matmul and the "blas" attention built on it."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.models import cpu_kernel, layers
+
+
+def reference(a, b, transpose_a, transpose_b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.matmul(np.swapaxes(a, -1, -2) if transpose_a else a,
+                     np.swapaxes(b, -1, -2) if transpose_b else b)
+
+
+def operands(rng, batch, m, k, n, transpose_a, transpose_b):
+    a = rng.standard_normal(batch + ((k, m) if transpose_a else (m, k))).astype(np.float32)
+    b = rng.standard_normal(batch + ((n, k) if transpose_b else (k, n))).astype(np.float32)
+    return jnp.asarray(a), jnp.asarray(b)
+
+
+def test_the_kernel_builds_here():
+    # The machines zoo runs its tests on have a C++ compiler and scipy's OpenBLAS; if this
+    # fails, the reason says which is missing (attention then falls back to einsum).
+    assert cpu_kernel.available(), cpu_kernel.unavailable_reason()
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("batch", [(), (3,), (2, 5)])
+def test_batched_matmul_matches_float64_for_every_orientation(batch, transpose_a, transpose_b):
+    rng = np.random.default_rng(len(batch) * 4 + 2 * transpose_a + transpose_b)
+    a, b = operands(rng, batch, 7, 5, 3, transpose_a, transpose_b)
+    got = jax.jit(cpu_kernel.batched_matmul, static_argnums=(2, 3))(a, b, transpose_a,
+                                                                     transpose_b)
+    assert got.shape == batch + (7, 3)
+    np.testing.assert_allclose(got, reference(a, b, transpose_a, transpose_b), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_batched_matmul_runs_the_custom_call_and_the_fallback_agrees(monkeypatch):
+    rng = np.random.default_rng(0)
+    a, b = operands(rng, (4, 3), 9, 6, 11, True, False)
+    kernel = jax.jit(lambda a, b: cpu_kernel.batched_matmul(a, b, transpose_a=True))
+    assert cpu_kernel.TARGET in kernel.lower(a, b).as_text()
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    fallback = jax.jit(lambda a, b: cpu_kernel.batched_matmul(a, b, transpose_a=True))
+    assert cpu_kernel.TARGET not in fallback.lower(a, b).as_text()
+    np.testing.assert_allclose(kernel(a, b), fallback(a, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fallback(a, b), reference(a, b, True, False), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_batched_matmul_under_vmap():
+    rng = np.random.default_rng(1)
+    a, b = operands(rng, (6, 2), 4, 3, 5, False, True)
+    per_row = jax.vmap(lambda a, b: cpu_kernel.batched_matmul(a, b, transpose_b=True))(a, b)
+    np.testing.assert_allclose(per_row, reference(a, b, False, True), rtol=1e-5, atol=1e-5)
+
+
+def test_many_matrices_spread_over_threads_give_every_matrix_its_own_product():
+    # 256 matrices: the kernel splits them into chunks across XLA's thread pool; each matrix
+    # must still get exactly its own product (a wrong stride would mix neighbours).
+    rng = np.random.default_rng(2)
+    a, b = operands(rng, (16, 16), 13, 8, 13, False, True)
+    got = np.asarray(cpu_kernel.batched_matmul(a, b, transpose_b=True))
+    np.testing.assert_allclose(got, reference(a, b, False, True), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_operands_fail_with_one_line_errors():
+    x = jnp.ones((2, 3, 4))
+    with pytest.raises(ValueError, match="same rank >= 2 and the same leading dimensions"):
+        cpu_kernel.batched_matmul(x, jnp.ones((3, 4, 2)))
+    with pytest.raises(ValueError, match="contracted sizes differ"):
+        cpu_kernel.batched_matmul(x, jnp.ones((2, 3, 2)))
+    with pytest.raises(ValueError, match="float32 only"):
+        cpu_kernel.batched_matmul(x.astype(jnp.bfloat16), jnp.ones((2, 4, 2), jnp.bfloat16))
+
+
+def test_unavailable_reasons_and_no_half_written_library(monkeypatch, tmp_path):
+    load = cpu_kernel._load.__wrapped__  # the uncached builder
+    monkeypatch.setenv("ZOO_CPU_KERNEL", "0")
+    assert load() == "ZOO_CPU_KERNEL=0"
+    monkeypatch.delenv("ZOO_CPU_KERNEL")
+    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+    assert load().startswith("no C++ compiler")
+    monkeypatch.undo()
+    # A compiler that fails: a clear reason, and nothing left in the cache directory.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    reason = load()
+    assert reason is not None and "CalledProcessError" in reason, reason
+    assert os.listdir(tmp_path / "zoo" / "kernels") == []
+
+
+@pytest.mark.parametrize("mask_kind", [None, "causal", "random_with_an_empty_row"])
+def test_blas_attention_values_and_gradients_match_einsum(mask_kind):
+    rng = np.random.default_rng(3)
+    shape = (3, 4, 9, 8)
+    q, k, v, d_out = (jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+                      for _ in range(4))
+    mask = None
+    if mask_kind == "causal":
+        mask = jnp.tril(jnp.ones((9, 9), bool))[None, None]
+    elif mask_kind:
+        mask = rng.random((3, 1, 9, 9)) > 0.4
+        mask[0, 0, 2] = False  # a query that may attend to nothing: uniform weights, no grad
+        mask = jnp.asarray(mask)
+
+    def value_and_grads(attention):
+        out, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, mask), q, k, v)
+        return (out, *pullback(d_out))
+
+    want = jax.jit(lambda: value_and_grads(layers.einsum_attention))()
+    got = jax.jit(lambda: value_and_grads(layers.blas_attention))()
+    for name, w, g in zip(("out", "dq", "dk", "dv"), want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    if mask_kind == "random_with_an_empty_row":
+        assert float(jnp.abs(got[1][0, :, 2]).max()) == 0.0
