@@ -151,8 +151,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="mae: decoder width (the MAE paper's ViT-B/L use 512)")
     p.add_argument("--decoder-depth", type=int, default=4, help="mae: decoder blocks (paper: 8)")
     p.add_argument("--decoder-heads", type=int, default=8, help="mae: decoder heads (paper: 16)")
-    p.add_argument("--attention", default="auto", choices=("auto", "einsum", "fused"),
-                   help="mae: model.attention (auto: cuDNN's fused kernel on GPU with bf16)")
+    p.add_argument("--attention", default="auto", choices=("auto", "einsum", "blas", "fused"),
+                   help="mae: model.attention (auto: cuDNN's fused kernel on GPU with bf16, "
+                        "blas on one CPU device)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--steps", type=int, default=None, help="timed steps (mae 5, text 3)")
     p.add_argument("--no-precorrupted", dest="vs_precorrupted", action="store_false",

@@ -21,7 +21,7 @@ from zoo.mesh import DEFAULT_RULES
 
 NONFINITE_POLICIES = ("skip", "stop")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_batch")
-ATTENTIONS = ("auto", "einsum", "blas", "fused")  # zoo.models.layers.ATTENTION_IMPLEMENTATIONS
+ATTENTIONS = ("auto", "einsum", "blas", "fused")  # = zoo.models.layers.ATTENTION_IMPLEMENTATIONS
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
