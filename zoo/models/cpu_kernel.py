@@ -3,7 +3,7 @@
 XLA:CPU runs batched dots of many small matrices slowly: for the MAE decoder's attention
 ([16, 8, 197, 32] queries) its products take 1.4-2.2x the time of one single-threaded sgemm per
 matrix spread over the same two cores (2-core Xeon, side by side), and the whole MAE ViT-S/16
-bench step is ~6% faster with attention's six matmuls here (``model.attention="blas"``, the
+bench step is 5-8% faster with attention's six matmuls here (``model.attention="blas"``, the
 default on a one-device CPU run; ``zoo.models.layers.blas_attention``).
 
 The kernel is an XLA FFI custom call compiled on first use with the system C++ compiler

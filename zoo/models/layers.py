@@ -71,7 +71,7 @@ def gelu(x: jax.Array) -> jax.Array:
 #             [B, L, H, D] einsums; bench_mae),
 #   "blas":   the same, with the six matmuls of forward and backward as one BLAS sgemm per
 #             (batch, head) matrix (zoo.models.cpu_kernel; CPU, float32, one device; the MAE
-#             ViT-S/16 bench step is ~6% faster than with "einsum"),
+#             ViT-S/16 bench step is 5-8% faster than with "einsum"),
 #   "fused":  jax.nn.dot_product_attention, with cuDNN's fused (flash) kernel on GPU where
 #             ``cudnn_takes`` (unmasked, 16-bit, head size <= 128), XLA's kernel otherwise,
 #   "auto":   "fused" on GPU with 16-bit compute and no mask; "blas" where it applies (and the
