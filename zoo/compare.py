@@ -40,7 +40,9 @@ TINY_HPARAMS = {
     "byol": {"proj_hidden": 32, "proj_dim": 16},
     "dino": {"out_dim": 64, "head_hidden": 32, "head_bottleneck": 16, "num_local": 2},
 }
-DEFAULT_STEPS = {"image": 500, "text": 300}
+# Image: 120 steps keep the default `zoo compare` (six objectives, batch 128) near 10 minutes
+# on a 2-core CPU (issue 2); `--steps 500` is the fuller comparison in the README (~35 min).
+DEFAULT_STEPS = {"image": 120, "text": 300}
 # The text suite's shared budget: every objective reads the same packed rows of the pycode
 # corpus (batch x seq_len raw tokens per step) with the same width/depth per stack.
 TEXT_BATCH, TEXT_SEQ_LEN = 16, 128
