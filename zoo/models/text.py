@@ -162,8 +162,8 @@ class CrossAttention(nnx.Module):
         if how == "fused":
             out = fused_attention(q, k, v, mask)
         elif how == "blas":
-            heads_major = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  [B, L, H, D] <-> [B, H, L, D]
-            out = heads_major(blas_attention(heads_major(q), heads_major(k), heads_major(v), mask))
+            swap = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731  [B, L, H, D] <-> [B, H, L, D]
+            out = swap(blas_attention(swap(q), swap(k), swap(v), mask))
         else:
             scores = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
