@@ -119,3 +119,19 @@ def test_blas_attention_values_and_gradients_match_einsum(mask_kind):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
     if mask_kind == "random_with_an_empty_row":
         assert float(jnp.abs(got[1][0, :, 2]).max()) == 0.0
+
+
+def test_an_empty_contraction_gives_zeros():
+    a, b = jnp.ones((2, 3, 0)), jnp.ones((2, 0, 4))
+    got = jax.jit(cpu_kernel.batched_matmul)(a, b)
+    assert got.shape == (2, 3, 4) and float(jnp.abs(got).max()) == 0.0
+
+
+def test_auto_warns_and_uses_einsum_when_the_kernel_cannot_build(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_load", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(cpu_kernel, "available", cpu_kernel.available.__wrapped__)
+    with pytest.warns(UserWarning, match=r"CPU BLAS kernel unavailable.*no C\+\+ compiler"):
+        assert layers.resolve_attention("auto", jnp.float32, False) == "einsum"
+    with pytest.raises(ValueError, match="'blas' cannot run here: no C\\+\\+ compiler"), \
+            pytest.warns(UserWarning, match="CPU BLAS kernel unavailable"):
+        layers.resolve_attention("blas", jnp.float32, False)

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <mutex>
 
@@ -97,20 +98,30 @@ ffi::Error BatchedSgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   job->c = c->typed_data();
   job->trans_a = trans_a;
   job->trans_b = trans_b;
+  const int64_t kMaxBlasInt = std::numeric_limits<int>::max();
+  if (std::max({a_rows, a_cols, b_rows, b_cols}) > kMaxBlasInt) {
+    return ffi::Error::InvalidArgument("zoo_batched_sgemm: a matrix side exceeds BLAS's int");
+  }
   job->m = static_cast<int>(trans_a ? a_cols : a_rows);
   job->k = static_cast<int>(trans_a ? a_rows : a_cols);
   job->n = static_cast<int>(trans_b ? b_rows : b_cols);
   if ((trans_b ? b_cols : b_rows) != job->k) {
     return ffi::Error::InvalidArgument("zoo_batched_sgemm: contracted dimensions differ");
   }
-  job->lda = static_cast<int>(a_cols);
-  job->ldb = static_cast<int>(b_cols);
-  job->ldc = job->n;
+  job->lda = std::max(1, static_cast<int>(a_cols));  // BLAS wants leading dimensions >= 1
+  job->ldb = std::max(1, static_cast<int>(b_cols));
+  job->ldc = std::max(1, job->n);
   job->stride_a = a_rows * a_cols;
   job->stride_b = b_rows * b_cols;
   job->stride_c = static_cast<int64_t>(job->m) * job->n;
   if (job->matrices == 0 || job->stride_c == 0) return ffi::Error::Success();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (job->k == 0) {  // an empty sum: zeros, without asking BLAS about 0-wide operands
+    std::fill(job->c, job->c + job->matrices * job->stride_c, 0.f);
+    return ffi::Error::Success();
+  }
+  // At most 32 threads call sgemm at once: OpenBLAS builds keep a fixed number of per-thread
+  // buffers (MAX_THREADS, 64 in scipy's wheels).
+  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, 32);
   // About four chunks per thread: small enough to even out, large enough to amortise.
   job->chunk = std::max<int64_t>(1, (job->matrices + 4 * threads - 1) / (4 * threads));
   job->chunks = (job->matrices + job->chunk - 1) / job->chunk;

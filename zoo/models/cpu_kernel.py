@@ -12,6 +12,11 @@ The kernel is an XLA FFI custom call compiled on first use with the system C++ c
 that is missing (no compiler, a BLAS without a per-thread thread setting) ``available()`` is
 False, zoo warns once and attention stays on XLA's einsum. ``ZOO_CPU_KERNEL=0`` turns it off.
 
+Side effect: each kernel thread asks OpenBLAS for one thread (``openblas_set_num_threads_local``).
+In scipy's pthreads build of OpenBLAS that setting is process-wide, so after the first kernel call
+scipy's own BLAS routines run single-threaded in this process (numpy has its own OpenBLAS and is
+not affected).
+
 >>> a, b = jnp.ones((4, 3, 5)), jnp.ones((4, 5, 2))
 >>> batched_matmul(a, b).shape  # == jnp.matmul(a, b) when available() else the same via XLA
 (4, 3, 2)
@@ -26,6 +31,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -50,19 +56,24 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str) -> Path:
-    """Compiles the kernel once per (source, jaxlib, compiler); concurrent processes each write
-    a temporary file and rename it into place, so no process loads a half-written library."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.__version__.encode() + compiler.encode()).hexdigest()[:16]
+    """Compiles the kernel once per (source, jaxlib, compile command); concurrent processes each
+    write a temporary file and rename it into place, so no process loads a half-written library.
+    Temporary files older than an hour (a build that was killed) are removed."""
+    import jaxlib
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(
+        [jaxlib.__version__, compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernel-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    for stale in target.parent.glob("build-*.so"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                        "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp],
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp],
                        check=True, capture_output=True, timeout=300)
         os.replace(tmp, target)
     finally:
@@ -111,8 +122,8 @@ def _load() -> str | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ZooBatchedSgemm),
                                     platform="cpu")
     except (OSError, RuntimeError, ImportError, KeyError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        return f"{type(error).__name__}: {error} {detail.decode(errors='replace')[:300]}".strip()
+        detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace").strip()
+        return f"{type(error).__name__}: {error} {detail[-400:]}".strip()  # the error's end
     return None
 
 

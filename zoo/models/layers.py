@@ -93,7 +93,7 @@ def blas_applies(dtype) -> str | None:
         return f"the mesh has {mesh.size} devices"
     if not hand_written():
         return 'backward_mode("autodiff") is active'
-    return cpu_kernel.unavailable_reason()
+    return None if cpu_kernel.available() else cpu_kernel.unavailable_reason()  # warns once
 
 
 def resolve_attention(implementation: str, dtype, masked: bool) -> str:
@@ -113,9 +113,7 @@ def resolve_attention(implementation: str, dtype, masked: bool) -> str:
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if on_gpu and half and not masked:
         return "fused"
-    if blas_applies(dtype) is None and cpu_kernel.available():
-        return "blas"
-    return "einsum"
+    return "blas" if blas_applies(dtype) is None else "einsum"
 
 
 @jax.custom_jvp
@@ -155,7 +153,10 @@ def blas_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                    mask: jax.Array | None) -> jax.Array:
     """``einsum_attention`` (float32, same layouts and mask) with its matmuls, forward and
     backward, through ``cpu_kernel.batched_matmul``. The backward pass is written out: with
-    ``p = softmax(s)``, ``ds = p * (dp - sum(p * dp))``, zero where the mask removes a key."""
+    ``p = softmax(s)``, ``ds = p * (dp - sum(p * dp))``, zero where the mask removes a key.
+    Its backward is not differentiable again (the kernel has no derivative): second-order
+    gradients, like forward mode, need ``backward_mode("autodiff")``. Remat policies that keep
+    dots do not see the kernel's products as dots, so they recompute the scores."""
     if mask is None:
         return _blas_attention(q, k, v)
     return _blas_attention_masked(q, k, v, mask)
