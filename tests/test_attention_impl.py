@@ -57,6 +57,12 @@ def test_auto_resolves_to_blas_or_einsum_on_cpu_and_unknown_names_fail():
         layers.resolve_attention("flash", jnp.float32, False)
     with pytest.raises(ValueError, match="model.attention: unknown 'flash'"):
         config_lib.validate(config_lib.Config(model=config_lib.ModelConfig(attention="flash")))
+    with pytest.raises(ValueError, match="model.attention: unknown 'flash'"):
+        layers.set_attention(layers.Attention(8, 2, rngs=nnx.Rngs(0)), "flash")
+    # The config, the layers and the bench CLI offer the same names.
+    assert config_lib.ATTENTIONS == layers.ATTENTION_IMPLEMENTATIONS
+    from zoo.cli import make_parser
+    assert make_parser().parse_args(["bench", "mae", "--attention", "blas"]).attention == "blas"
 
 
 def test_self_and_cross_attention_modules_agree_across_implementations():

@@ -161,8 +161,7 @@ def batched_matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False,
         batch = tuple(range(a.ndim - 2))
         contract_a = a.ndim - 2 if transpose_a else a.ndim - 1
         contract_b = b.ndim - 1 if transpose_b else b.ndim - 2
-        out = lax.dot_general(a, b, (((contract_a,), (contract_b,)), (batch, batch)))
-        return out
+        return lax.dot_general(a, b, (((contract_a,), (contract_b,)), (batch, batch)))
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32),
                             vmap_method="broadcast_all")
     return call(a, b, trans_a=bool(transpose_a), trans_b=bool(transpose_b))

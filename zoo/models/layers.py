@@ -96,12 +96,16 @@ def blas_applies(dtype) -> str | None:
     return None if cpu_kernel.available() else cpu_kernel.unavailable_reason()  # warns once
 
 
-def resolve_attention(implementation: str, dtype, masked: bool) -> str:
-    """"einsum", "blas" or "fused" for this trace (``auto`` looks at the backend, dtype and
-    mesh). An explicit "blas" that cannot run here raises a one-line error saying why."""
+def _check_attention_name(implementation: str) -> None:
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"model.attention: unknown {implementation!r}; allowed: "
                          f"{ATTENTION_IMPLEMENTATIONS}")
+
+
+def resolve_attention(implementation: str, dtype, masked: bool) -> str:
+    """"einsum", "blas" or "fused" for this trace (``auto`` looks at the backend, dtype and
+    mesh). An explicit "blas" that cannot run here raises a one-line error saying why."""
+    _check_attention_name(implementation)
     if implementation == "blas":
         why_not = blas_applies(dtype)
         if why_not is not None:
@@ -157,9 +161,7 @@ def blas_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     Its backward is not differentiable again (the kernel has no derivative): second-order
     gradients, like forward mode, need ``backward_mode("autodiff")``. Remat policies that keep
     dots do not see the kernel's products as dots, so they recompute the scores."""
-    if mask is None:
-        return _blas_attention(q, k, v)
-    return _blas_attention_masked(q, k, v, mask)
+    return _blas_attention(q, k, v, mask)
 
 
 def _blas_attention_forward(q, k, v, mask):
@@ -168,11 +170,11 @@ def _blas_attention_forward(q, k, v, mask):
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = softmax(scores)
-    return cpu_kernel.batched_matmul(weights, v), (scaled_q, k, v, weights)
+    return cpu_kernel.batched_matmul(weights, v), (scaled_q, k, v, weights, mask)
 
 
-def _blas_attention_backward(residuals, d_out, mask):
-    scaled_q, k, v, weights = residuals
+def _blas_attention_backward(residuals, d_out):
+    scaled_q, k, v, weights, mask = residuals
     d_weights = cpu_kernel.batched_matmul(d_out, v, transpose_b=True)
     d_scores = weights * (d_weights - jnp.sum(weights * d_weights, axis=-1, keepdims=True))
     if mask is not None:  # fully masked rows have uniform weights but no gradient
@@ -180,34 +182,15 @@ def _blas_attention_backward(residuals, d_out, mask):
     d_q = cpu_kernel.batched_matmul(d_scores, k) * scaled_q.shape[-1]**-0.5
     d_k = cpu_kernel.batched_matmul(d_scores, scaled_q, transpose_a=True)
     d_v = cpu_kernel.batched_matmul(weights, d_out, transpose_a=True)
-    return d_q, d_k, d_v
+    return d_q, d_k, d_v, None  # no cotangent for the (boolean or absent) mask
 
 
 @jax.custom_vjp
-def _blas_attention(q, k, v):
-    return _blas_attention_forward(q, k, v, None)[0]
-
-
-_blas_attention.defvjp(lambda q, k, v: _blas_attention_forward(q, k, v, None),
-                       lambda residuals, d_out: _blas_attention_backward(residuals, d_out, None))
-
-
-@jax.custom_vjp
-def _blas_attention_masked(q, k, v, mask):
+def _blas_attention(q, k, v, mask):
     return _blas_attention_forward(q, k, v, mask)[0]
 
 
-def _masked_forward(q, k, v, mask):
-    out, residuals = _blas_attention_forward(q, k, v, mask)
-    return out, (residuals, mask)
-
-
-def _masked_backward(saved, d_out):
-    residuals, mask = saved
-    return (*_blas_attention_backward(residuals, d_out, mask), None)
-
-
-_blas_attention_masked.defvjp(_masked_forward, _masked_backward)
+_blas_attention.defvjp(_blas_attention_forward, _blas_attention_backward)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -277,9 +260,7 @@ class Attention(nnx.Module):
 
 def set_attention(model: nnx.Module, implementation: str) -> None:
     """Sets ``implementation`` on every attention module of ``model`` (in place)."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"model.attention: unknown {implementation!r}; allowed: "
-                         f"{ATTENTION_IMPLEMENTATIONS}")
+    _check_attention_name(implementation)
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.Module) and hasattr(module, "attention_implementation"):
             module.attention_implementation = implementation
