@@ -513,7 +513,7 @@ def make_train_step(experiment: Experiment, *, prepared: bool = False, phase=Non
                  if config.spike.enabled else jnp.bool_(False))
 
         def apply_update(params, opt_state, objective_state, grads):
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
             params = objective.constrain_params(optax.apply_updates(params, updates))
             objective_state = objective.update_state(
                 objective_state, params=params, outputs=outputs, step=state.step,
