@@ -135,3 +135,87 @@ def test_auto_warns_and_uses_einsum_when_the_kernel_cannot_build(monkeypatch):
     with pytest.raises(ValueError, match="'blas' cannot run here: no C\\+\\+ compiler"), \
             pytest.warns(UserWarning, match="CPU BLAS kernel unavailable"):
         layers.resolve_attention("blas", jnp.float32, False)
+
+
+def _packed_case(rng, batch, length, heads, dim, mask_kind):
+    qkv = jnp.asarray(rng.standard_normal((batch, length, 3, heads, dim)).astype(np.float32))
+    d_out = jnp.asarray(rng.standard_normal((batch, length, heads, dim)).astype(np.float32))
+    mask = None
+    if mask_kind == "causal":      # rank 2: broadcasting adds the batch and head axes
+        mask = jnp.tril(jnp.ones((length, length), bool))
+    elif mask_kind == "padding":   # [B, 1, 1, S]
+        mask = rng.random((batch, 1, 1, length)) > 0.3
+        mask[:, 0, 0, 0] = True
+        mask = jnp.asarray(mask)
+    elif mask_kind == "per_head_with_an_empty_row":   # [B, H, L, S]
+        mask = rng.random((batch, heads, length, length)) > 0.4
+        mask[0, -1, 2] = False     # a query of the last head that may attend to nothing
+        mask = jnp.asarray(mask)
+    return qkv, d_out, mask
+
+
+def _einsum_on_packed(qkv, mask):
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))
+    return jnp.transpose(layers.einsum_attention(q, k, v, mask), (0, 2, 1, 3))
+
+
+# Lengths and head sizes that exercise every path of the kernel's tiled loop: rows in whole
+# tiles of 8 and a remainder, columns 32 / 16 at a time and head sizes that are not a multiple
+# of 16 (the plain loop), a length padded to a multiple of 16 for the scores.
+@pytest.mark.parametrize("batch,length,heads,dim", [(2, 9, 3, 8), (3, 50, 2, 64),
+                                                    (2, 37, 2, 48), (1, 197, 2, 32),
+                                                    (2, 16, 1, 20)])
+@pytest.mark.parametrize("mask_kind", [None, "causal", "padding",
+                                       "per_head_with_an_empty_row"])
+def test_packed_attention_values_and_gradients_match_einsum(batch, length, heads, dim,
+                                                            mask_kind):
+    rng = np.random.default_rng(length * dim)
+    qkv, d_out, mask = _packed_case(rng, batch, length, heads, dim, mask_kind)
+
+    def value_and_grad(attention):
+        out, pullback = jax.vjp(lambda x: attention(x, mask), qkv)
+        return out, pullback(d_out)[0]
+
+    want_out, want_grad = jax.jit(lambda: value_and_grad(_einsum_on_packed))()
+    got_out, got_grad = jax.jit(lambda: value_and_grad(layers.packed_blas_attention))()
+    assert got_out.shape == (batch, length, heads, dim) and got_grad.shape == qkv.shape
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=5e-6)
+    if mask_kind == "per_head_with_an_empty_row":   # uniform weights, but no gradient
+        np.testing.assert_allclose(got_out[0, 2, -1], qkv[0, :, 2, -1].mean(0), rtol=1e-5,
+                                   atol=1e-6)
+        assert float(jnp.abs(got_grad[0, 2, 0, -1]).max()) == 0.0   # its query's gradient
+
+
+def test_packed_attention_weights_are_the_softmax_and_sum_to_one():
+    rng = np.random.default_rng(5)
+    qkv, _, _ = _packed_case(rng, 2, 33, 2, 16, None)
+    _, weights = jax.jit(lambda x: cpu_kernel.packed_attention_forward(x, None, 0.25))(qkv)
+    q, k, _ = np.transpose(np.asarray(qkv, np.float64), (2, 0, 3, 1, 4))
+    scores = 0.25 * q @ np.swapaxes(k, -1, -2)
+    want = np.exp(scores - scores.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(weights, want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_packed_attention_under_vmap_and_in_the_model():
+    rng = np.random.default_rng(6)
+    qkv, _, _ = _packed_case(rng, 4, 10, 2, 16, None)
+    per_item = jax.vmap(lambda x: layers.packed_blas_attention(x[None], None)[0])(qkv)
+    np.testing.assert_allclose(per_item, _einsum_on_packed(qkv, None), rtol=1e-5, atol=2e-6)
+    attention = layers.Attention(32, 2, rngs=__import__("flax").nnx.Rngs(0),
+                                 implementation="blas")
+    x = jnp.asarray(rng.standard_normal((2, 10, 32)).astype(np.float32))
+    hlo = jax.jit(jax.grad(lambda x: attention(x).sum())).lower(x).as_text()
+    assert cpu_kernel.ATTENTION_TARGETS["forward"] in hlo
+    assert cpu_kernel.ATTENTION_TARGETS["backward"] in hlo
+    assert "transpose" not in hlo   # q, k and v are read from the projection in place
+
+
+def test_packed_attention_rejects_bad_operands():
+    qkv = jnp.ones((2, 5, 3, 2, 4))
+    with pytest.raises(ValueError, match=r"mask \(3, 1, 1, 5\) does not broadcast"):
+        cpu_kernel.packed_attention_forward(qkv, jnp.ones((3, 1, 1, 5), bool), 0.5)
+    with pytest.raises(ValueError, match=r"qkv must be float32 \[B, L, 3, H, D\]"):
+        cpu_kernel.packed_attention_forward(jnp.ones((2, 5, 2, 2, 4)), None, 0.5)

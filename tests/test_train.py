@@ -122,7 +122,17 @@ def test_one_and_eight_devices_give_the_same_steps(two_steps):
                                    one["metrics"][i]["grad_norm"], rtol=1e-5)
     one_leaves, fsdp_leaves = leaves_with_paths(one["params"]), leaves_with_paths(fsdp["params"])
     assert [p for p, _ in one_leaves] == [p for p, _ in fsdp_leaves]
+    lr = one["config"].optim.lr
     for (path, a), (_, b) in zip(one_leaves, fsdp_leaves):
+        if path.endswith("['attn']['qkv']['bias'].value"):
+            # The key bias's gradient is exactly zero in exact arithmetic (it adds the same
+            # q.b to every score of a row, which softmax ignores), so it is rounding noise, and
+            # Adam turns noise of either sign into steps of about +-lr: the one-device run's CPU
+            # kernel and the mesh's einsum round differently. Only bound those.
+            width = a.shape[0] // 3
+            keys = slice(width, 2 * width)
+            np.testing.assert_allclose(b[keys], a[keys], rtol=0, atol=4 * lr, err_msg=path)
+            a, b = np.delete(a, np.r_[keys]), np.delete(b, np.r_[keys])
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=path)
     # The steps really moved the parameters (else the comparison would prove little).
     moved = [not np.allclose(a, b, rtol=0, atol=1e-4) for (_, a), (_, b)
@@ -158,12 +168,13 @@ def test_second_step_does_not_recompile(two_steps):
 
 
 def test_one_device_cpu_attention_runs_the_blas_kernel_and_sharded_runs_do_not(two_steps):
-    from zoo.models.cpu_kernel import TARGET
+    from zoo.models.cpu_kernel import ATTENTION_TARGETS
+    target = ATTENTION_TARGETS["forward"]
     for name, expected in (("one", True), ("fsdp", False)):
         run = two_steps[name]
         with jax.set_mesh(run["experiment"].mesh), nnx.logical_axis_rules(run["config"].rules):
             text = run["step"].lower(run["experiment"].abstract_state, run["batch"]).as_text()
-        assert (TARGET in text) == expected, name
+        assert (target in text) == expected, name
 
 
 def test_analytic_flops_match_xla(two_steps):

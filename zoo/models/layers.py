@@ -69,9 +69,11 @@ def gelu(x: jax.Array) -> jax.Array:
 #   "einsum": scores, softmax and weighted sum as separate ops in a heads-major layout (on
 #             XLA:CPU ~10% faster for the whole MAE step than jax.nn.dot_product_attention's
 #             [B, L, H, D] einsums; bench_mae),
-#   "blas":   the same, with the six matmuls of forward and backward as one BLAS sgemm per
-#             (batch, head) matrix (zoo.models.cpu_kernel; CPU, float32, one device; the MAE
-#             ViT-S/16 bench step is 5-8% faster than with "einsum"),
+#   "blas":   the same values through zoo.models.cpu_kernel (CPU, float32, one device):
+#             self-attention as one fused kernel per (batch, head) over the packed qkv
+#             projection (``packed_blas_attention``), cross-attention with its six matmuls as
+#             BLAS sgemms (``blas_attention``); the MAE ViT-S/16 bench step is ~12% faster than
+#             with "einsum",
 #   "fused":  jax.nn.dot_product_attention, with cuDNN's fused (flash) kernel on GPU where
 #             ``cudnn_takes`` (unmasked, 16-bit, head size <= 128), XLA's kernel otherwise,
 #   "auto":   "fused" on GPU with 16-bit compute and no mask; "blas" where it applies (and the
@@ -193,6 +195,36 @@ def _blas_attention(q, k, v, mask):
 _blas_attention.defvjp(_blas_attention_forward, _blas_attention_backward)
 
 
+def packed_blas_attention(qkv: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Self-attention of a packed float32 qkv projection [B, L, 3, H, D] -> [B, L, H, D] (the
+    values of ``einsum_attention`` on its heads-major views, same mask) through the CPU
+    kernel's fused forward and backward (``cpu_kernel.packed_attention_forward``): no
+    transposes to a heads-major layout, and each (batch, head)'s scores stay in the core's
+    cache (MAE decoder attention, forward + backward: ~0.75x ``blas_attention``'s time).
+    Not differentiable twice, as ``blas_attention``."""
+    return _packed_blas_attention(qkv, mask)
+
+
+def _packed_forward(qkv, mask):
+    out, weights = cpu_kernel.packed_attention_forward(qkv, mask, qkv.shape[-1]**-0.5)
+    return out, (qkv, weights, mask)
+
+
+def _packed_backward(residuals, d_out):
+    qkv, weights, mask = residuals
+    d_qkv = cpu_kernel.packed_attention_backward(qkv, weights, d_out, mask,
+                                                 qkv.shape[-1]**-0.5)
+    return d_qkv, None  # no cotangent for the (boolean or absent) mask
+
+
+@jax.custom_vjp
+def _packed_blas_attention(qkv, mask):
+    return _packed_forward(qkv, mask)[0]
+
+
+_packed_blas_attention.defvjp(_packed_forward, _packed_backward)
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     mask: jax.Array | None) -> jax.Array:
     """The same over [B, L, H, D] layouts through jax.nn.dot_product_attention: cuDNN's fused
@@ -250,10 +282,11 @@ class Attention(nnx.Module):
         how = resolve_attention(self.attention_implementation, qkv.dtype, mask is not None)
         if how == "fused":
             out = fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
+        elif how == "blas":   # reads the packed projection in place
+            out = packed_blas_attention(qkv, mask)
         else:
             # One transpose to heads-major [3, B, H, L, D] (see ATTENTION_IMPLEMENTATIONS).
-            attend = blas_attention if how == "blas" else einsum_attention
-            out = attend(*jnp.transpose(qkv, (2, 0, 3, 1, 4)), mask)
+            out = einsum_attention(*jnp.transpose(qkv, (2, 0, 3, 1, 4)), mask)
             out = jnp.transpose(out, (0, 2, 1, 3))
         return self.proj(out.reshape(batch, length, width))
 
