@@ -219,3 +219,6 @@ def test_packed_attention_rejects_bad_operands():
         cpu_kernel.packed_attention_forward(qkv, jnp.ones((3, 1, 1, 5), bool), 0.5)
     with pytest.raises(ValueError, match=r"qkv must be float32 \[B, L, 3, H, D\]"):
         cpu_kernel.packed_attention_forward(jnp.ones((2, 5, 2, 2, 4)), None, 0.5)
+    with pytest.raises(ValueError, match=r"needs weights \[B, H, L, L\] and d_out"):
+        cpu_kernel.packed_attention_backward(qkv, jnp.ones((1, 1, 2, 2)), jnp.ones((2, 5, 2, 4)),
+                                             None, 0.5)

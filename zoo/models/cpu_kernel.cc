@@ -52,8 +52,10 @@ void RowMajorGemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, 
 // chunks per thread, which the calling thread and the pool tasks take from a shared counter
 // until none is left, so the caller never waits on a task that has not started (no deadlock
 // when every pool thread is busy elsewhere). Each thread asks OpenBLAS for one thread first.
+// `max_threads`: OpenBLAS builds keep a fixed number of per-thread buffers (MAX_THREADS, 64 in
+// scipy's wheels), so at most 32 threads call sgemm at once; loops without BLAS take them all.
 template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, Body body) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, Body body, int64_t max_threads) {
   struct Job {
     Body body;
     int64_t count, chunk, chunks;
@@ -76,9 +78,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, Body body) {
     }
   };
   if (count <= 0) return;
-  // At most 32 threads call sgemm at once: OpenBLAS builds keep a fixed number of per-thread
-  // buffers (MAX_THREADS, 64 in scipy's wheels).
-  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, 32);
+  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, max_threads);
   auto job = std::make_shared<Job>(std::move(body));
   job->count = count;
   job->chunk = std::max<int64_t>(1, (count + 4 * threads - 1) / (4 * threads));
@@ -137,7 +137,7 @@ ffi::Error BatchedSgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   ParallelFor(pool, matrices, [=](int64_t i) {
     RowMajorGemm(trans_a, trans_b, m, n, k, 1.f, a_data + i * stride_a, lda,
                  b_data + i * stride_b, ldb, c_data + i * stride_c, ldc);
-  });
+  }, /*max_threads=*/32);
   return ffi::Error::Success();
 }
 
@@ -244,12 +244,11 @@ void SmallGemm(int M, int N, int K, float alpha, const float* a, int64_t a_row, 
   for (; j + 16 <= readable && j < N; j += 16) {
     TileColumns<1>(M, K, alpha, a, a_row, a_col, b + j, ldb, c + j, ldc, N - j);
   }
-  for (; j < N; ++j) {  // columns that cannot be read 16 at a time (odd head sizes)
-    for (int i = 0; i < M; ++i) {
-      float sum = 0.f;
-      for (int k = 0; k < K; ++k) sum += a[i * a_row + k * a_col] * b[k * ldb + j];
-      c[i * ldc + j] = alpha * sum;
-    }
+  if (j < N) {  // fewer than 16 columns left that may not be read 16 at a time: a padded copy
+    thread_local std::vector<float> tail;
+    tail.assign(static_cast<size_t>(K) * 16, 0.f);
+    for (int k = 0; k < K; ++k) std::memcpy(&tail[k * 16], b + k * ldb + j, sizeof(float) * (N - j));
+    TileColumns<1>(M, K, alpha, a, a_row, a_col, tail.data(), 16, c + j, ldc, N - j);
   }
 }
 
@@ -272,7 +271,7 @@ inline float ExpNonPositive(float x) {
   const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   const float kRound = 12582912.f;  // 1.5 * 2^23: adding then subtracting rounds to an integer
   const float clamped = x < -87.f ? -87.f : x;
-  const float n = (clamped * kLog2e + kRound) - kRound;
+  const float n = (clamped * kLog2e + kRound) - kRound;  // round(clamped / ln 2)
   const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.f / 5040.f;
   p = p * r + 1.f / 720.f;
@@ -282,7 +281,12 @@ inline float ExpNonPositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n from the bits of n + kRound (an integer-valued float with n in its low mantissa bits),
+  // in unsigned arithmetic: no float-to-int conversion, defined for every input.
+  const float shifted = clamped * kLog2e + kRound;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000u + 127u) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return x < -87.f ? 0.f : p * two_n;
@@ -383,7 +387,7 @@ ffi::Error PackedAttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qk
     }
     SmallGemm(L, D, L, 1.f, probs, L, 1, v, qkv_row, D,
               o + b * s.length * out_row + h * s.dim, out_row);
-  });
+  }, std::numeric_limits<int64_t>::max());
   return ffi::Error::Success();
 }
 
@@ -394,6 +398,14 @@ ffi::Error PackedAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
   PackedShape s;
   MaskView view;
   if (auto error = CheckPacked(qkv, mask, masked, &s, &view); error.failure()) return error;
+  auto w = weights.dimensions();
+  auto g = d_out.dimensions();
+  if (w.size() != 4 || w[0] != s.batch || w[1] != s.heads || w[2] != s.length ||
+      w[3] != s.length || g.size() != 4 || g[0] != s.batch || g[1] != s.length ||
+      g[2] != s.heads || g[3] != s.dim) {
+    return ffi::Error::InvalidArgument(
+        "zoo_packed_attention: weights must be [B, H, L, L] and d_out [B, L, H, D]");
+  }
   const float* x = qkv.typed_data();
   const float* p = weights.typed_data();
   const float* dy = d_out.typed_data();
@@ -432,7 +444,7 @@ ffi::Error PackedAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
     SmallGemm(L, D, L, scale, ds, L, 1, k, qkv_row, D, dq, qkv_row);      // ds k
     SmallGemm(L, D, L, scale, ds, 1, L, q, qkv_row, D, dk, qkv_row);      // ds^T q
     SmallGemm(L, D, L, 1.f, probs, 1, L, dyo, out_row, D, dv, qkv_row);  // p^T d out
-  });
+  }, std::numeric_limits<int64_t>::max());
   return ffi::Error::Success();
 }
 

@@ -65,15 +65,24 @@ def _compiler() -> str | None:
     return None
 
 
-def _machine_tag() -> str:
-    """The CPU's instruction-set flags (the kernel is built with ``-march=native``, so a cache
-    shared between machines must not hand one machine's build to another)."""
+def _machine_tag(compiler: str) -> str:
+    """What ``-march=native`` means here: the compiler's version and the target options its
+    driver passes on (``-###``), plus the CPU's flags where Linux lists them. The kernel is
+    built for this CPU, so a cache shared between machines must not hand one's build to
+    another, and a compiler upgraded in place must rebuild."""
+    parts = []
+    for args in (["--version"], ["-march=native", "-###", "-E", "-x", "c++", os.devnull]):
+        try:
+            done = subprocess.run([compiler, *args], capture_output=True, text=True, timeout=60)
+            parts.append(done.stdout + done.stderr)
+        except (OSError, subprocess.SubprocessError):
+            parts.append("")
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+            parts.append(next((line for line in f if line.startswith(("flags", "Features"))), ""))
     except OSError:
-        import platform
-        return platform.processor() + platform.machine()
+        pass
+    return "\n".join(parts)
 
 
 def _build(compiler: str) -> Path:
@@ -85,7 +94,7 @@ def _build(compiler: str) -> Path:
     flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
              "-I", jax.ffi.include_dir()]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(
-        [jaxlib.__version__, compiler, *flags, _machine_tag()]).encode()).hexdigest()[:16]
+        [jaxlib.__version__, compiler, *flags, _machine_tag(compiler)]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernel-{key}.so"
     if target.exists():
         return target
@@ -238,6 +247,12 @@ def packed_attention_backward(qkv: jax.Array, weights: jax.Array, d_out: jax.Arr
     [B, L, 3, H, D] layout), given that output's cotangent ``d_out`` [B, L, H, D] and the
     forward's ``weights``. Masked scores get no gradient."""
     _require_kernel()
+    batch, length, three, heads, dim = qkv.shape
+    if (three != 3 or weights.shape != (batch, heads, length, length)
+            or d_out.shape != (batch, length, heads, dim)):
+        raise ValueError(f"packed attention backward: qkv {qkv.shape} [B, L, 3, H, D] needs "
+                         f"weights [B, H, L, L] and d_out [B, L, H, D], got {weights.shape} "
+                         f"and {d_out.shape}")
     mask, masked = _mask_operand(mask, qkv)
     call = jax.ffi.ffi_call(ATTENTION_TARGETS["backward"],
                             jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
