@@ -130,10 +130,10 @@ def test_an_empty_contraction_gives_zeros():
 def test_auto_warns_and_uses_einsum_when_the_kernel_cannot_build(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_load", lambda: "no C++ compiler (test)")
     monkeypatch.setattr(cpu_kernel, "available", cpu_kernel.available.__wrapped__)
-    with pytest.warns(UserWarning, match=r"CPU BLAS kernel unavailable.*no C\+\+ compiler"):
+    with pytest.warns(UserWarning, match=r"CPU kernels unavailable.*no C\+\+ compiler"):
         assert layers.resolve_attention("auto", jnp.float32, False) == "einsum"
     with pytest.raises(ValueError, match="'blas' cannot run here: no C\\+\\+ compiler"), \
-            pytest.warns(UserWarning, match="CPU BLAS kernel unavailable"):
+            pytest.warns(UserWarning, match="CPU kernels unavailable"):
         layers.resolve_attention("blas", jnp.float32, False)
 
 

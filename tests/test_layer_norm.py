@@ -105,3 +105,34 @@ def test_module_matches_flax_layer_norm_and_falls_back_for_masks():
 def test_shape_mismatch_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"apply_layer_norm: input \(2, 8\) needs scale"):
         apply_layer_norm(jnp.ones((2, 8)), jnp.ones(4), jnp.zeros(8))
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (2, 197, 256), (1, 1, 7)])
+def test_cpu_kernel_path_matches_the_xla_path(shape, monkeypatch):
+    # On a one-device float32 CPU run the forward and backward go through zoo's CPU kernel;
+    # the same formulas through XLA's ops must give the same values and gradients.
+    from zoo.models import cpu_kernel
+    from zoo.models import layer_norm as module
+    x, scale, bias, g = _operands(shape, seed=3, offset=2.0)
+    loss = lambda x, s, b: jnp.sum(apply_layer_norm(x, s, b, 1e-6) * g)  # noqa: E731
+    run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    hlo = run.lower(x, scale, bias).as_text()
+    assert cpu_kernel.LAYER_NORM_TARGETS["forward"] in hlo
+    assert cpu_kernel.LAYER_NORM_TARGETS["backward"] in hlo
+    value, grads = run(x, scale, bias)
+    monkeypatch.setattr(module, "_kernel_takes", lambda x, scale: False)
+    xla = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    assert cpu_kernel.LAYER_NORM_TARGETS["forward"] not in xla.lower(x, scale, bias).as_text()
+    want_value, want_grads = xla(x, scale, bias)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-3)
+    for name, a, e in zip(("x", "scale", "bias"), grads, want_grads):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def test_sharded_meshes_keep_the_xla_path():
+    from zoo.models import cpu_kernel
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    x, scale, bias, _ = _operands((8, 16))
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda x: apply_layer_norm(x, scale, bias)).lower(x).as_text()
+    assert len(jax.devices()) > 1 and cpu_kernel.LAYER_NORM_TARGETS["forward"] not in hlo

@@ -50,6 +50,7 @@ from jax import lax
 TARGET = "zoo_batched_sgemm"
 ATTENTION_TARGETS = {"forward": "zoo_packed_attention_forward",
                      "backward": "zoo_packed_attention_backward"}
+LAYER_NORM_TARGETS = {"forward": "zoo_layer_norm_forward", "backward": "zoo_layer_norm_backward"}
 SOURCE = Path(__file__).with_suffix(".cc")
 
 
@@ -154,7 +155,9 @@ def _load() -> str | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ZooBatchedSgemm),
                                     platform="cpu")
         for target, symbol in ((ATTENTION_TARGETS["forward"], library.ZooPackedAttentionForward),
-                               (ATTENTION_TARGETS["backward"], library.ZooPackedAttentionBackward)):
+                               (ATTENTION_TARGETS["backward"], library.ZooPackedAttentionBackward),
+                               (LAYER_NORM_TARGETS["forward"], library.ZooLayerNormForward),
+                               (LAYER_NORM_TARGETS["backward"], library.ZooLayerNormBackward)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, ImportError, KeyError, subprocess.SubprocessError) as error:
         detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace").strip()
@@ -172,8 +175,8 @@ def available() -> bool:
     """True when the kernel is built and registered (warns once with the reason if not)."""
     reason = _load()
     if reason is not None and reason != "ZOO_CPU_KERNEL=0":
-        warnings.warn(f"zoo: CPU BLAS kernel unavailable, attention uses XLA's einsum ({reason})",
-                      stacklevel=2)
+        warnings.warn("zoo: CPU kernels unavailable, attention and LayerNorm use XLA ops "
+                      f"({reason})", stacklevel=2)
     return reason is None
 
 
@@ -258,3 +261,47 @@ def packed_attention_backward(qkv: jax.Array, weights: jax.Array, d_out: jax.Arr
                             jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
                             vmap_method="sequential")
     return call(qkv, weights, d_out, mask, scale=np.float32(scale), masked=masked)
+
+
+def applies(dtype) -> str | None:
+    """Why the kernels cannot run in this trace (None when they can): they need the CPU backend,
+    float32, at most one device in the current mesh (a custom call has no sharding rule, so a
+    sharded run would gather every operand) and the kernel built (warns once if not)."""
+    if jax.default_backend() != "cpu":
+        return f"backend is {jax.default_backend()}, not cpu"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"compute dtype is {jnp.dtype(dtype).name}, not float32"
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return f"the mesh has {mesh.size} devices"
+    return None if available() else unavailable_reason()
+
+
+def layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                       eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LayerNorm of float32 ``x`` over its last axis -> ``(y, mean, rstd)``, ``mean`` and
+    ``rstd`` (= 1 / sqrt(biased var + eps)) shaped ``x.shape[:-1] + (1,)``; torch's values
+    (two-pass variance), one pass over the rows (``cpu_kernel.cc``). Needs ``available()``."""
+    _require_kernel()
+    if x.dtype != jnp.float32 or scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
+        raise ValueError(f"layer_norm_forward: float32 x with scale and bias of its last axis, "
+                         f"got {x.dtype} {x.shape}, {scale.shape}, {bias.shape}")
+    stats = jax.ShapeDtypeStruct(x.shape[:-1] + (1,), jnp.float32)
+    call = jax.ffi.ffi_call(LAYER_NORM_TARGETS["forward"],
+                            (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
+                            vmap_method="sequential")
+    return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32), eps=np.float32(eps))
+
+
+def layer_norm_backward(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: jax.Array,
+                        d_y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dx, d_scale, d_bias)`` of ``layer_norm_forward`` given the output's cotangent."""
+    _require_kernel()
+    if d_y.shape != x.shape or mean.size * x.shape[-1] != x.size or rstd.shape != mean.shape:
+        raise ValueError(f"layer_norm_backward: x {x.shape}, d_y {d_y.shape}, mean "
+                         f"{mean.shape} and rstd {rstd.shape} do not fit together")
+    call = jax.ffi.ffi_call(LAYER_NORM_TARGETS["backward"], (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+        jax.ShapeDtypeStruct(scale.shape, jnp.float32)), vmap_method="sequential")
+    return call(x, scale.astype(jnp.float32), mean, rstd, d_y.astype(jnp.float32))

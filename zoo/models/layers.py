@@ -86,16 +86,9 @@ def blas_applies(dtype) -> str | None:
     backend, float32 compute, at most one device in the current mesh (a custom call has no
     sharding rule, so a sharded run would gather every operand) and the hand-written backward
     mode (``backward_mode("autodiff")`` is for forward-mode AD, which a custom_vjp lacks)."""
-    if jax.default_backend() != "cpu":
-        return f"backend is {jax.default_backend()}, not cpu"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"compute dtype is {jnp.dtype(dtype).name}, not float32"
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return f"the mesh has {mesh.size} devices"
     if not hand_written():
         return 'backward_mode("autodiff") is active'
-    return None if cpu_kernel.available() else cpu_kernel.unavailable_reason()  # warns once
+    return cpu_kernel.applies(dtype)   # CPU, float32, one device, kernel built (warns once)
 
 
 def _check_attention_name(implementation: str) -> None:
