@@ -222,3 +222,23 @@ def test_packed_attention_rejects_bad_operands():
     with pytest.raises(ValueError, match=r"needs weights \[B, H, L, L\] and d_out"):
         cpu_kernel.packed_attention_backward(qkv, jnp.ones((1, 1, 2, 2)), jnp.ones((2, 5, 2, 4)),
                                              None, 0.5)
+
+
+def test_a_compiler_refusing_march_native_gets_the_portable_build(monkeypatch, tmp_path):
+    # Some compilers (e.g. on ARM) refuse -march=native: the same source then builds for the
+    # baseline instruction set instead of leaving the kernels off.
+    real_run = cpu_kernel.subprocess.run
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        if "-march=native" in command and "-shared" in command:
+            raise cpu_kernel.subprocess.CalledProcessError(1, command, stderr=b"no native")
+        return real_run(command, **kwargs)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", run)
+    library = cpu_kernel._build(cpu_kernel._compiler())
+    builds = [c for c in commands if "-shared" in c]
+    assert len(builds) == 2 and "-march=native" not in builds[1]
+    assert library.exists() and library.parent == tmp_path / "zoo" / "kernels"

@@ -86,14 +86,30 @@ def _machine_tag(compiler: str) -> str:
     return "\n".join(parts)
 
 
+# Tuned for the CPU it runs on first; without these (a compiler that refuses -march=native, as
+# some do on ARM) the same source builds for the baseline instruction set, slower but correct.
+ARCH_FLAGS = (("-march=native", "-fopenmp-simd"), ())
+
+
 def _build(compiler: str) -> Path:
-    """Compiles the kernel once per (source, jaxlib, compile command, CPU flags); concurrent
-    processes each write a temporary file and rename it into place, so no process loads a
-    half-written library. Temporary files older than an hour (a build that was killed) are
-    removed. ``-march=native -fopenmp-simd`` vectorise the attention kernel's softmax loops."""
+    """Compiles the kernel (``ARCH_FLAGS`` in order, the first that builds) and returns the
+    library's path; the error of the last attempt if none builds."""
+    error = None
+    for arch in ARCH_FLAGS:
+        try:
+            return _build_with(compiler, list(arch))
+        except subprocess.CalledProcessError as failed:
+            error = failed
+    raise error
+
+
+def _build_with(compiler: str, arch: list[str]) -> Path:
+    """Compiles the kernel once per (source, jaxlib, compile command, CPU); concurrent processes
+    each write a temporary file and rename it into place, so no process loads a half-written
+    library. Temporary files older than an hour (a build that was killed) are removed.
+    ``-march=native -fopenmp-simd`` vectorise the kernels' loops for this CPU."""
     import jaxlib
-    flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
-             "-I", jax.ffi.include_dir()]
+    flags = ["-O3", *arch, "-std=c++17", "-shared", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(
         [jaxlib.__version__, compiler, *flags, _machine_tag(compiler)]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernel-{key}.so"
