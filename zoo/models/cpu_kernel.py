@@ -7,7 +7,8 @@
   these shapes (~110-130 GFLOP/s per core on the MAE decoder's 197 x 197 x 32 products, where
   OpenBLAS's sgemm reaches ~60). Used by ``zoo.models.layers.Attention`` with
   ``model.attention="blas"`` (``auto``'s choice on a one-device float32 CPU run): the MAE
-  ViT-S/16 bench step is ~6% faster than with the batched products below, ~12% than "einsum".
+  ViT-S/16 bench step is ~6% faster than with the batched products below (themselves 5-8%
+  faster than "einsum").
 * ``batched_matmul``: ``op(a) @ op(b)`` over leading batch dimensions, one single-threaded BLAS
   sgemm per matrix spread over XLA's thread pool (XLA:CPU runs batched dots of many small
   matrices 1.4-2.2x slower); text cross-attention uses it (``layers.blas_attention``).
