@@ -248,7 +248,9 @@ void SmallGemm(int M, int N, int K, float alpha, const float* a, int64_t a_row, 
   if (j < N) {  // fewer than 16 columns left that may not be read 16 at a time: a padded copy
     thread_local std::vector<float> tail;
     tail.assign(static_cast<size_t>(K) * 16, 0.f);
-    for (int k = 0; k < K; ++k) std::memcpy(&tail[k * 16], b + k * ldb + j, sizeof(float) * (N - j));
+    for (int k = 0; k < K; ++k) {
+      std::memcpy(&tail[k * 16], b + k * ldb + j, sizeof(float) * (N - j));
+    }
     TileColumns<1>(M, K, alpha, a, a_row, a_col, tail.data(), 16, c + j, ldc, N - j);
   }
 }
