@@ -1,4 +1,4 @@
-"""Float32 attention kernels for XLA:CPU (``cpu_kernel.cc``, XLA FFI custom calls).
+"""Float32 kernels for XLA:CPU (``cpu_kernel.cc``, XLA FFI custom calls): attention, LayerNorm.
 
 * ``packed_attention_forward`` / ``packed_attention_backward``: self-attention over the packed
   qkv projection [B, L, 3, H, D], one (batch, head) block per task: q, k and v are read in place
@@ -12,13 +12,16 @@
 * ``batched_matmul``: ``op(a) @ op(b)`` over leading batch dimensions, one single-threaded BLAS
   sgemm per matrix spread over XLA's thread pool (XLA:CPU runs batched dots of many small
   matrices 1.4-2.2x slower); text cross-attention uses it (``layers.blas_attention``).
+* ``layer_norm_forward`` / ``layer_norm_backward``: LayerNorm over the last axis, one pass over
+  the rows each way (``zoo.models.layer_norm`` uses them on a one-device float32 CPU run).
+* ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for both).
 
 The kernel is an XLA FFI custom call compiled on first use with the system C++ compiler
 (``$CXX``, else ``g++``/``c++``/``clang++``) against jaxlib's FFI headers, cached under
 ``<$XDG_CACHE_HOME or ~/.cache>/zoo/kernels`` (per CPU: it is built with ``-march=native``), and
-given scipy's BLAS ``sgemm``. Where any of
-that is missing (no compiler, a BLAS without a per-thread thread setting) ``available()`` is
-False, zoo warns once and attention stays on XLA's einsum. ``ZOO_CPU_KERNEL=0`` turns it off.
+given scipy's BLAS ``sgemm``. Where any of that is missing (no compiler, a BLAS without a
+per-thread thread setting) ``available()`` is False, zoo warns once and attention and LayerNorm
+stay on XLA's ops. ``ZOO_CPU_KERNEL=0`` turns the kernels off.
 
 Side effect: each kernel thread asks OpenBLAS for one thread (``openblas_set_num_threads_local``).
 In scipy's pthreads build of OpenBLAS that setting is process-wide, so after the first kernel call
@@ -169,9 +172,8 @@ def _load() -> str | None:
         library = ctypes.CDLL(str(_build(compiler)))
         library.zoo_set_blas.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         library.zoo_set_blas(sgemm, set_threads)
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ZooBatchedSgemm),
-                                    platform="cpu")
-        for target, symbol in ((ATTENTION_TARGETS["forward"], library.ZooPackedAttentionForward),
+        for target, symbol in ((TARGET, library.ZooBatchedSgemm),
+                               (ATTENTION_TARGETS["forward"], library.ZooPackedAttentionForward),
                                (ATTENTION_TARGETS["backward"], library.ZooPackedAttentionBackward),
                                (LAYER_NORM_TARGETS["forward"], library.ZooLayerNormForward),
                                (LAYER_NORM_TARGETS["backward"], library.ZooLayerNormBackward)):
