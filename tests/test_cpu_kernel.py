@@ -242,3 +242,51 @@ def test_a_compiler_refusing_march_native_gets_the_portable_build(monkeypatch, t
     builds = [c for c in commands if "-shared" in c]
     assert len(builds) == 2 and "-march=native" not in builds[1]
     assert library.exists() and library.parent == tmp_path / "zoo" / "kernels"
+
+
+# K (rows) around the kernel's 384-row blocks, M around its 12-row tiles, N around its 32-column
+# panels (a partial last panel), plus empty sums and a layer with no inputs.
+@pytest.mark.parametrize("rows,inputs,outputs", [
+    (5, 3, 2), (1, 1, 1), (384, 12, 32), (385, 13, 33), (770, 25, 17), (1000, 11, 100),
+    (400, 24, 96), (3152, 40, 70), (0, 4, 5), (7, 0, 3)])
+def test_dense_weight_gradient_matches_float64(rows, inputs, outputs):
+    rng = np.random.default_rng(rows + 7 * inputs + 11 * outputs)
+    x = rng.standard_normal((rows, inputs)).astype(np.float32)
+    g = rng.standard_normal((rows, outputs)).astype(np.float32)
+    d_kernel, d_bias = jax.jit(cpu_kernel.dense_weight_gradient)(x, g)
+    assert d_kernel.shape == (inputs, outputs) and d_bias.shape == (outputs,)
+    scale = np.sqrt(max(rows, 1))  # float32 sums of `rows` unit products round at ~1e-7 each
+    np.testing.assert_allclose(d_kernel, x.astype(np.float64).T @ g.astype(np.float64),
+                               rtol=0, atol=2e-6 * scale * 8)
+    np.testing.assert_allclose(d_bias, g.astype(np.float64).sum(0), rtol=0,
+                               atol=2e-6 * scale * 8)
+
+
+def test_dense_layers_take_the_weight_gradient_kernel_and_agree_with_xla(monkeypatch):
+    from zoo.models import linear as linear_module
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    x = jax.random.normal(keys[0], (4, 97, 40))
+    w = jax.random.normal(keys[1], (40, 70)) / 6
+    b = jax.random.normal(keys[2], (70,))
+    g = jax.random.normal(keys[3], (4, 97, 70))
+
+    def grads(x, w, b):
+        return jax.grad(lambda *a: jnp.sum(g * linear_module.linear(*a)), argnums=(0, 1, 2))(
+            x, w, b)
+
+    hlo = jax.jit(grads).lower(x, w, b).as_text()
+    assert cpu_kernel.DENSE_GRADIENT_TARGET in hlo
+    ours = jax.jit(grads)(x, w, b)
+    monkeypatch.setattr(linear_module, "_kernel_takes", lambda *args: False)
+    retraced = jax.jit(lambda *args: grads(*args))  # a new function: jit's cache keeps traces
+    assert cpu_kernel.DENSE_GRADIENT_TARGET not in retraced.lower(x, w, b).as_text()
+    xla = retraced(x, w, b)
+    for name, a, e in zip(("x", "kernel", "bias"), ours, xla):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_dense_weight_gradient_rejects_bad_operands():
+    with pytest.raises(ValueError, match="dense_weight_gradient: float32 x"):
+        cpu_kernel.dense_weight_gradient(jnp.ones((4, 3)), jnp.ones((5, 2)))
+    with pytest.raises(ValueError, match="dense_weight_gradient: float32 x"):
+        cpu_kernel.dense_weight_gradient(jnp.ones((4, 3), jnp.bfloat16), jnp.ones((4, 2)))

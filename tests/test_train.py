@@ -179,7 +179,7 @@ def test_one_device_cpu_attention_runs_the_blas_kernel_and_sharded_runs_do_not(t
 
 def test_analytic_flops_match_xla(two_steps, monkeypatch):
     # XLA's cost analysis does not look inside custom calls, so the step is compiled with
-    # zoo's CPU kernels (attention, LayerNorm) off: XLA then counts every FLOP itself.
+    # zoo's CPU kernels (attention, LayerNorm, dense gradients) off: XLA then counts every FLOP itself.
     from zoo.models import cpu_kernel
     monkeypatch.setattr(cpu_kernel, "applies", lambda dtype: "off: XLA counts the FLOPs")
     run = two_steps["one"]

@@ -1,4 +1,5 @@
-"""Float32 kernels for XLA:CPU (``cpu_kernel.cc``, XLA FFI custom calls): attention, LayerNorm.
+"""Float32 kernels for XLA:CPU (``cpu_kernel.cc``, XLA FFI custom calls): attention, LayerNorm and
+the dense layers' weight gradients.
 
 * ``packed_attention_forward`` / ``packed_attention_backward``: self-attention over the packed
   qkv projection [B, L, 3, H, D], one (batch, head) block per task: q, k and v are read in place
@@ -14,14 +15,18 @@
   matrices 1.4-2.2x slower); text cross-attention uses it (``layers.blas_attention``).
 * ``layer_norm_forward`` / ``layer_norm_backward``: LayerNorm over the last axis, one pass over
   the rows each way (``zoo.models.layer_norm`` uses them on a one-device float32 CPU run).
-* ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for both).
+* ``dense_weight_gradient``: a dense layer's ``x^T g`` and bias sums in one pass over blocks of
+  packed operands (``zoo.models.linear``'s backward on a one-device float32 CPU run), 12-30%
+  faster than XLA:CPU's transposed-operand product alone; ~1-1.5% of the MAE bench step, as XLA
+  runs it beside the input-gradient product (one core each).
+* ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for all).
 
 The kernel is an XLA FFI custom call compiled on first use with the system C++ compiler
 (``$CXX``, else ``g++``/``c++``/``clang++``) against jaxlib's FFI headers, cached under
 ``<$XDG_CACHE_HOME or ~/.cache>/zoo/kernels`` (per CPU: it is built with ``-march=native``), and
 given scipy's BLAS ``sgemm``. Where any of that is missing (no compiler, a BLAS without a
-per-thread thread setting) ``available()`` is False, zoo warns once and attention and LayerNorm
-stay on XLA's ops. ``ZOO_CPU_KERNEL=0`` turns the kernels off.
+per-thread thread setting) ``available()`` is False, zoo warns once and attention, LayerNorm and
+the dense layers' gradients stay on XLA's ops. ``ZOO_CPU_KERNEL=0`` turns the kernels off.
 
 Side effect: each kernel thread asks OpenBLAS for one thread (``openblas_set_num_threads_local``).
 In scipy's pthreads build of OpenBLAS that setting is process-wide, so after the first kernel call
@@ -55,6 +60,7 @@ TARGET = "zoo_batched_sgemm"
 ATTENTION_TARGETS = {"forward": "zoo_packed_attention_forward",
                      "backward": "zoo_packed_attention_backward"}
 LAYER_NORM_TARGETS = {"forward": "zoo_layer_norm_forward", "backward": "zoo_layer_norm_backward"}
+DENSE_GRADIENT_TARGET = "zoo_dense_weight_gradient"
 SOURCE = Path(__file__).with_suffix(".cc")
 
 
@@ -176,7 +182,8 @@ def _load() -> str | None:
                                (ATTENTION_TARGETS["forward"], library.ZooPackedAttentionForward),
                                (ATTENTION_TARGETS["backward"], library.ZooPackedAttentionBackward),
                                (LAYER_NORM_TARGETS["forward"], library.ZooLayerNormForward),
-                               (LAYER_NORM_TARGETS["backward"], library.ZooLayerNormBackward)):
+                               (LAYER_NORM_TARGETS["backward"], library.ZooLayerNormBackward),
+                               (DENSE_GRADIENT_TARGET, library.ZooDenseWeightGradient)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, ImportError, KeyError, subprocess.SubprocessError) as error:
         detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace").strip()
@@ -194,7 +201,8 @@ def available() -> bool:
     """True when the kernel is built and registered (warns once with the reason if not)."""
     reason = _load()
     if reason is not None and reason != "ZOO_CPU_KERNEL=0":
-        warnings.warn("zoo: CPU kernels unavailable, attention and LayerNorm use XLA ops "
+        warnings.warn("zoo: CPU kernels unavailable, attention, LayerNorm and dense gradients "
+                      "use XLA ops "
                       f"({reason})", stacklevel=2)
     return reason is None
 
@@ -324,3 +332,24 @@ def layer_norm_backward(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: j
         jax.ShapeDtypeStruct(scale.shape, jnp.float32),
         jax.ShapeDtypeStruct(scale.shape, jnp.float32)), vmap_method="sequential")
     return call(x, scale.astype(jnp.float32), mean, rstd, d_y.astype(jnp.float32))
+
+
+def dense_weight_gradient(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A dense layer's weight and bias gradients from its float32 input rows ``x`` [K, M] and
+    output-gradient rows ``g`` [K, N]: ``(x^T g [M, N], g.sum(0) [N])``. Needs ``available()``.
+    Both operands are packed into cache-sized blocks first (``cpu_kernel.cc``), where XLA:CPU
+    reads the transposed operand in place (~20% slower on the MAE decoder's shapes).
+
+    >>> dw, db = dense_weight_gradient(jnp.ones((5, 3)), jnp.ones((5, 2)))  # doctest: +SKIP
+    >>> dw.shape, db.shape  # doctest: +SKIP
+    ((3, 2), (2,))
+    """
+    _require_kernel()
+    if (x.ndim != 2 or g.ndim != 2 or x.shape[0] != g.shape[0]
+            or x.dtype != jnp.float32 or g.dtype != jnp.float32):
+        raise ValueError(f"dense_weight_gradient: float32 x [K, M] and g [K, N], got "
+                         f"{x.dtype} {x.shape} and {g.dtype} {g.shape}")
+    call = jax.ffi.ffi_call(DENSE_GRADIENT_TARGET, (
+        jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), jnp.float32),
+        jax.ShapeDtypeStruct((g.shape[1],), jnp.float32)), vmap_method="sequential")
+    return call(x, g)

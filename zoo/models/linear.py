@@ -7,6 +7,9 @@ copies a transposed activation gradient (e.g. [1536, 800] floats for a ViT-S MLP
 weight-gradient product and pads/transposes around the fused qkv projection. Flattening the
 leading dimensions and asking for ``dot(x^T, g)`` directly lets the matmul read both operands in
 place: the MAE ViT-S/16 bench step drops from ~1.5 s to ~1.3 s (same-process A/B, 2-core CPU).
+On a one-device float32 CPU run the weight and bias gradients come from one CPU kernel
+(``cpu_kernel.dense_weight_gradient``: both operands packed into cache-sized blocks, the bias
+sums taken on the way), 12-30% faster than XLA:CPU's transposed-operand product.
 
 Forward-mode AD (``jax.jvp``) needs ``zoo.models.backward.backward_mode("autodiff")``.
 """
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from zoo.models import cpu_kernel
 from zoo.models.backward import hand_written
 
 
@@ -36,13 +40,24 @@ def _linear_fwd(x, kernel, bias, precision):
     return _forward(x, kernel, bias, precision), (x, kernel, bias)
 
 
+def _kernel_takes(x, g, kernel) -> bool:
+    """Whether this trace computes the weight gradient with the CPU kernel: float32 operands
+    on a one-device CPU run with the kernel built (float32 on CPU is full precision whatever
+    ``precision`` asks)."""
+    return (x.dtype == g.dtype == kernel.dtype == jnp.float32
+            and cpu_kernel.applies(x.dtype) is None)
+
+
 def _linear_bwd(precision, residuals, g):
     x, kernel, bias = residuals
     d_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-    rows = g.reshape(-1, g.shape[-1])
-    d_kernel = lax.dot_general(x.reshape(-1, x.shape[-1]), rows, (((0,), (0,)), ((), ())),
-                               precision=precision)
-    d_bias = None if bias is None else rows.sum(0, dtype=jnp.float32).astype(bias.dtype)
+    rows, x_rows = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    if _kernel_takes(x, g, kernel):
+        d_kernel, column_sums = cpu_kernel.dense_weight_gradient(x_rows, rows)
+    else:
+        d_kernel = lax.dot_general(x_rows, rows, (((0,), (0,)), ((), ())), precision=precision)
+        column_sums = None if bias is None else rows.sum(0, dtype=jnp.float32)
+    d_bias = None if bias is None else column_sums.astype(bias.dtype)
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias
 
 
