@@ -19,7 +19,8 @@ the dense layers' weight gradients.
   packed operands (``zoo.models.linear``'s backward on a one-device float32 CPU run), 12-30%
   faster than XLA:CPU's transposed-operand product alone; ~1-1.5% of the MAE bench step, as XLA
   runs it beside the input-gradient product (one core each).
-* ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for all).
+* ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for all);
+  ``with disabled():`` turns them off for the traces made inside it.
 
 The kernel is an XLA FFI custom call compiled on first use with the system C++ compiler
 (``$CXX``, else ``g++``/``c++``/``clang++``) against jaxlib's FFI headers, cached under
@@ -39,6 +40,7 @@ not affected).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -290,10 +292,34 @@ def packed_attention_backward(qkv: jax.Array, weights: jax.Array, d_out: jax.Arr
     return call(qkv, weights, d_out, mask, scale=np.float32(scale), masked=masked)
 
 
+_disabled_depth = 0
+
+
+@contextlib.contextmanager
+def disabled():
+    """Functions traced inside run XLA's own ops instead of the kernels, e.g. to read XLA's
+    cost analysis, which does not look inside custom calls. ``jax.jit`` keeps a function's
+    traces, so trace a function here that was not traced before (a new ``make_train_step``).
+
+    >>> with disabled():
+    ...     applies(jnp.float32)
+    'turned off by cpu_kernel.disabled()'
+    """
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
 def applies(dtype) -> str | None:
     """Why the kernels cannot run in this trace (None when they can): they need the CPU backend,
     float32, at most one device in the current mesh (a custom call has no sharding rule, so a
-    sharded run would gather every operand) and the kernel built (warns once if not)."""
+    sharded run would gather every operand), the kernel built (warns once if not) and no
+    ``disabled()`` around the trace."""
+    if _disabled_depth:
+        return "turned off by cpu_kernel.disabled()"
     if jax.default_backend() != "cpu":
         return f"backend is {jax.default_backend()}, not cpu"
     if jnp.dtype(dtype) != jnp.float32:
