@@ -403,10 +403,11 @@ def time_ours(name: str, *, steps: int = 5) -> dict:
     quiet = lambda text: print(text, file=sys.stderr)   # noqa: E731  (stdout carries the JSON)
     if name == "mae":
         r = bench.bench_mae(size="S", image_size=224, batch_size=16, dtype="float32",
-                            steps=steps, warmup=2, print_fn=quiet)
+                            steps=steps, warmup=2, print_fn=quiet, count_xla_flops=False)
     elif name == "mlm":
         r = bench.bench_text("mlm", size="B", batch_size=16, seq_len=128, dtype="float32",
-                             steps=steps, warmup=1, vs_precorrupted=False, print_fn=quiet)
+                             steps=steps, warmup=1, vs_precorrupted=False, print_fn=quiet,
+                             count_xla_flops=False)
     else:
         raise ValueError(f"unknown benchmark {name!r}")
     return r
