@@ -276,6 +276,10 @@ def test_dense_layers_take_the_weight_gradient_kernel_and_agree_with_xla(monkeyp
 
     hlo = jax.jit(grads).lower(x, w, b).as_text()
     assert cpu_kernel.DENSE_GRADIENT_TARGET in hlo
+    # Weights past KERNEL_MAX_WEIGHTS stay on XLA's product (the kernel lost on BERT's).
+    big = jax.ShapeDtypeStruct((1024, linear_module.KERNEL_MAX_WEIGHTS // 1024 + 1), jnp.float32)
+    assert not linear_module._kernel_takes(x, g, big)
+    assert linear_module._kernel_takes(x, g, w)
     ours = jax.jit(grads)(x, w, b)
     monkeypatch.setattr(linear_module, "_kernel_takes", lambda *args: False)
     retraced = jax.jit(lambda *args: grads(*args))  # a new function: jit's cache keeps traces

@@ -16,9 +16,10 @@ the dense layers' weight gradients.
 * ``layer_norm_forward`` / ``layer_norm_backward``: LayerNorm over the last axis, one pass over
   the rows each way (``zoo.models.layer_norm`` uses them on a one-device float32 CPU run).
 * ``dense_weight_gradient``: a dense layer's ``x^T g`` and bias sums in one pass over blocks of
-  packed operands (``zoo.models.linear``'s backward on a one-device float32 CPU run), 12-30%
-  faster than XLA:CPU's transposed-operand product alone; ~1-1.5% of the MAE bench step, as XLA
-  runs it beside the input-gradient product (one core each).
+  packed operands (``zoo.models.linear``'s backward on a one-device float32 CPU run, for layers
+  of at most 2^20 weights), 12-30% faster than XLA:CPU's transposed-operand product alone on
+  the MAE bench's layers; ~1-1.5% of its step, as XLA runs it beside the input-gradient product
+  (one core each).
 * ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for all);
   ``with disabled():`` turns them off for the traces made inside it.
 
