@@ -178,8 +178,8 @@ def test_one_device_cpu_attention_runs_the_blas_kernel_and_sharded_runs_do_not(t
 
 
 def test_analytic_flops_match_xla(two_steps):
-    # XLA's cost analysis does not look inside custom calls, so the step is compiled with
-    # zoo's CPU kernels (attention, LayerNorm, dense gradients) off: XLA then counts every FLOP itself.
+    # XLA's cost analysis does not look inside custom calls, so the step is compiled with zoo's
+    # CPU kernels (attention, LayerNorm, dense gradients) off: XLA then counts every FLOP.
     from zoo.models import cpu_kernel
     run = two_steps["one"]
     experiment = run["experiment"]

@@ -578,7 +578,6 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // A dense layer's weight and bias gradients: dW = x^T g [M, N] and db = the column sums of g [N],
 // for the layer's input x [K, M] and output gradient g [K, N] (leading axes flattened into K
@@ -586,10 +585,10 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // shapes (2 cores) where the forward's plain products reach ~290. Here both operands are first
 // copied into contiguous blocks of kDepth rows (A tiles of kGradRows columns of x, B panels of
 // 32 columns of g), and a register tile of kGradRows x 32 accumulates over each block
-// (230-280 GFLOP/s on the same shapes). Threads take whole column ranges (each packed A tile is then reused
-// over several panels; one panel per task was ~30% slower), and the bias sums are taken while
-// g's rows are packed, so g is read once for both gradients. In the MAE step XLA runs this
-// beside the input gradient's product (one core each), so the step gains only ~1-1.5%.
+// (230-280 GFLOP/s on the same shapes). The bias sums are taken while g's rows are packed, so g
+// is read once for both gradients. In the MAE step XLA runs this beside the input gradient's
+// product (one core each), so the step gains only ~1-1.5%. zoo/models/linear.py calls it for
+// weights of at most 2^20 entries: larger gradients, re-read once per block, leave L2.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kPanel = 32;   // columns of dW per register tile (two Vec16)

@@ -204,9 +204,8 @@ def available() -> bool:
     """True when the kernel is built and registered (warns once with the reason if not)."""
     reason = _load()
     if reason is not None and reason != "ZOO_CPU_KERNEL=0":
-        warnings.warn("zoo: CPU kernels unavailable, attention, LayerNorm and dense gradients "
-                      "use XLA ops "
-                      f"({reason})", stacklevel=2)
+        warnings.warn("zoo: CPU kernels unavailable, attention, LayerNorm and dense "
+                      f"gradients use XLA ops ({reason})", stacklevel=2)
     return reason is None
 
 
@@ -364,12 +363,12 @@ def layer_norm_backward(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: j
 def dense_weight_gradient(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A dense layer's weight and bias gradients from its float32 input rows ``x`` [K, M] and
     output-gradient rows ``g`` [K, N]: ``(x^T g [M, N], g.sum(0) [N])``. Needs ``available()``.
-    Both operands are packed into cache-sized blocks first (``cpu_kernel.cc``), where XLA:CPU
-    reads the transposed operand in place (~20% slower on the MAE decoder's shapes).
+    Both operands are packed into cache-sized blocks first (``cpu_kernel.cc``); XLA:CPU's
+    transposed-operand product took 1.1-1.4x as long on the MAE bench's layers.
 
-    >>> dw, db = dense_weight_gradient(jnp.ones((5, 3)), jnp.ones((5, 2)))  # doctest: +SKIP
-    >>> dw.shape, db.shape  # doctest: +SKIP
-    ((3, 2), (2,))
+    >>> dw, db = dense_weight_gradient(jnp.ones((5, 3)), jnp.ones((5, 2)))
+    >>> dw.shape, db.shape, float(dw[0, 0]), float(db[0])
+    ((3, 2), (2,), 5.0, 5.0)
     """
     _require_kernel()
     if (x.ndim != 2 or g.ndim != 2 or x.shape[0] != g.shape[0]
