@@ -245,10 +245,11 @@ def test_a_compiler_refusing_march_native_gets_the_portable_build(monkeypatch, t
 
 
 # K (rows) around the kernel's 384-row blocks, M around its 12-row tiles, N around its 32-column
-# panels (a partial last panel), plus empty sums and a layer with no inputs.
+# panels (a partial last panel), threads splitting N (M <= N) or M (M > N), plus empty sums and
+# a layer with no inputs.
 @pytest.mark.parametrize("rows,inputs,outputs", [
     (5, 3, 2), (1, 1, 1), (384, 12, 32), (385, 13, 33), (770, 25, 17), (1000, 11, 100),
-    (400, 24, 96), (3152, 40, 70), (0, 4, 5), (7, 0, 3)])
+    (400, 24, 96), (3152, 40, 70), (800, 100, 40), (401, 61, 7), (0, 4, 5), (7, 0, 3)])
 def test_dense_weight_gradient_matches_float64(rows, inputs, outputs):
     rng = np.random.default_rng(rows + 7 * inputs + 11 * outputs)
     x = rng.standard_normal((rows, inputs)).astype(np.float32)

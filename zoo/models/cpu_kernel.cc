@@ -585,9 +585,9 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // shapes (2 cores) where the forward's plain products reach ~290. Here both operands are first
 // copied into contiguous blocks of kDepth rows (A tiles of kGradRows columns of x, B panels of
 // 32 columns of g), and a register tile of kGradRows x 32 accumulates over each block
-// (230-280 GFLOP/s on the same shapes). The bias sums are taken while g's rows are packed, so g
+// (220-270 GFLOP/s on the same shapes). The bias sums are taken while g's rows are packed, so g
 // is read once for both gradients. In the MAE step XLA runs this beside the input gradient's
-// product (one core each), so the step gains only ~1-1.5%. zoo/models/linear.py calls it for
+// product (one core each), so the step gains only ~1-3%. zoo/models/linear.py calls it for
 // weights of at most 2^20 entries: larger gradients, re-read once per block, leave L2.
 // ---------------------------------------------------------------------------------------------
 
@@ -684,20 +684,28 @@ ffi::Error DenseWeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
     return ffi::Error::Success();
   }
-  // One task per thread, each a range of column panels: every packed A tile then serves
-  // several panels. (Smaller tasks balanced better but repacked more: one or two panels per
+  // One task per thread. Every task packs all of one operand's block and its share of the
+  // other's, so the split runs along the larger of M and N: each task then repacks only the
+  // smaller operand. (Smaller tasks balanced better but repacked more: one or two panels per
   // task, or extra row blocks per column range, were 10-30% slower on the MAE shapes.)
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(panels, pool.num_threads()));
+  const int64_t row_tiles = (M + kGradRows - 1) / kGradRows;
+  const bool split_rows = M > N;
+  const int64_t parts = split_rows ? row_tiles : panels;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(parts, pool.num_threads()));
   ParallelFor(pool, tasks, [=](int64_t task) {
-    const int64_t p0 = task * panels / tasks, p1 = (task + 1) * panels / tasks;
+    const int64_t lo = task * parts / tasks, hi = (task + 1) * parts / tasks;
+    const int64_t p0 = split_rows ? 0 : lo, p1 = split_rows ? panels : hi;
+    const int64_t m_begin = split_rows ? lo * kGradRows : 0;
+    const int64_t m_end = split_rows ? std::min(M, hi * kGradRows) : M;
+    const bool sums_bias = !split_rows || task == 0;  // each column summed by one task
     const int count = static_cast<int>(p1 - p0);
     thread_local std::vector<float> scratch;
     scratch.resize(static_cast<size_t>(kDepth) * (kPanel * count + kGradRows));
     float* b_packed = scratch.data();
     float* a_packed = b_packed + static_cast<int64_t>(kDepth) * kPanel * count;
     const int64_t first_col = p0 * kPanel, last_col = std::min(N, p1 * kPanel);
-    std::fill(db + first_col, db + last_col, 0.f);
+    if (sums_bias) std::fill(db + first_col, db + last_col, 0.f);
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
       const int depth = static_cast<int>(std::min<int64_t>(kDepth, K - k0));
       for (int p = 0; p < count; ++p) {  // pack g's block (and sum its columns for db)
@@ -710,18 +718,20 @@ ffi::Error DenseWeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           float* dst = panel + k * kPanel;
           std::memcpy(dst, src, sizeof(float) * cols);
           std::fill(dst + cols, dst + kPanel, 0.f);
+          if (sums_bias) {
 #pragma omp simd
-          for (int j = 0; j < cols; ++j) sums[j] += src[j];
+            for (int j = 0; j < cols; ++j) sums[j] += src[j];
+          }
         }
       }
       const float* block = xs + k0 * M;
-      int64_t m = 0;
-      for (; m + kGradRows <= M; m += kGradRows) {
+      int64_t m = m_begin;
+      for (; m + kGradRows <= m_end; m += kGradRows) {
         GradientRows<kGradRows>(depth, block, M, m, b_packed, count, first_col, N, a_packed, dw,
                                 k0 > 0);
       }
-      if (m < M) {
-        GradientRowsUpTo<kGradRows - 1>(static_cast<int>(M - m), depth, block, M, m,
+      if (m < m_end) {
+        GradientRowsUpTo<kGradRows - 1>(static_cast<int>(m_end - m), depth, block, M, m,
                                         b_packed, count, first_col, N, a_packed, dw, k0 > 0);
       }
     }

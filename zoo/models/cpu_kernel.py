@@ -17,8 +17,8 @@ the dense layers' weight gradients.
   the rows each way (``zoo.models.layer_norm`` uses them on a one-device float32 CPU run).
 * ``dense_weight_gradient``: a dense layer's ``x^T g`` and bias sums in one pass over blocks of
   packed operands (``zoo.models.linear``'s backward on a one-device float32 CPU run, for layers
-  of at most 2^20 weights), 12-30% faster than XLA:CPU's transposed-operand product alone on
-  the MAE bench's layers; ~1-1.5% of its step, as XLA runs it beside the input-gradient product
+  of at most 2^20 weights), 11-30% faster than XLA:CPU's transposed-operand product alone on
+  the MAE bench's layers; ~1-3% of its step, as XLA runs it beside the input-gradient product
   (one core each).
 * ``applies(dtype)``: whether the kernels may run in the current trace (the one gate for all);
   ``with disabled():`` turns them off for the traces made inside it.
@@ -364,7 +364,7 @@ def dense_weight_gradient(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Ar
     """A dense layer's weight and bias gradients from its float32 input rows ``x`` [K, M] and
     output-gradient rows ``g`` [K, N]: ``(x^T g [M, N], g.sum(0) [N])``. Needs ``available()``.
     Both operands are packed into cache-sized blocks first (``cpu_kernel.cc``); XLA:CPU's
-    transposed-operand product took 1.1-1.4x as long on the MAE bench's layers.
+    transposed-operand product took 1.1-1.45x as long on the MAE bench's layers.
 
     >>> dw, db = dense_weight_gradient(jnp.ones((5, 3)), jnp.ones((5, 2)))
     >>> dw.shape, db.shape, float(dw[0, 0]), float(db[0])

@@ -9,7 +9,7 @@ leading dimensions and asking for ``dot(x^T, g)`` directly lets the matmul read 
 place: the MAE ViT-S/16 bench step drops from ~1.5 s to ~1.3 s (same-process A/B, 2-core CPU).
 On a one-device float32 CPU run the weight and bias gradients of layers with at most 2^20
 weights come from one CPU kernel (``cpu_kernel.dense_weight_gradient``: both operands packed
-into cache-sized blocks, the bias sums taken on the way), 12-30% faster than XLA:CPU's
+into cache-sized blocks, the bias sums taken on the way), 11-30% faster than XLA:CPU's
 transposed-operand product on the MAE bench's layers.
 
 Forward-mode AD (``jax.jvp``) needs ``zoo.models.backward.backward_mode("autodiff")``.
@@ -42,7 +42,7 @@ def _linear_fwd(x, kernel, bias, precision):
 
 
 # The kernel re-reads and re-writes the weight gradient once per 384-row block of inputs: up to
-# 2^20 floats (4 MiB, about two cores' L2) that stays in cache and the kernel won 12-30% on the
+# 2^20 floats (4 MiB, about two cores' L2) that stays in cache and the kernel won 11-30% on the
 # MAE layers; BERT-base's 768 x 3072 gradients went through L3 and lost 10-16%.
 KERNEL_MAX_WEIGHTS = 1 << 20
 
