@@ -59,14 +59,18 @@ def mae_bench_setup(*, image_size: int = 224, devices=None, **config_kwargs):
     return config, experiment, init_state(experiment), make_train_step(experiment), batches
 
 
-def xla_counted_flops(experiment, state, batch) -> float | None:
-    """The FLOPs XLA's cost analysis counts for one train step (the cross-check printed next
-    to the model's count), compiled from a fresh trace with zoo's CPU kernels off: the
-    analysis does not look inside custom calls (with them it misses ~40% of the MAE step)."""
+def xla_counted_gflops(experiment, config, state, batch) -> float | None:
+    """The GFLOPs XLA's cost analysis counts for one train step (the cross-check printed next
+    to the model's count; None where the backend does not say), compiled from a fresh trace
+    with zoo's CPU kernels off: the analysis does not look inside custom calls (with them it
+    misses ~40% of the MAE step). Call it after reading peak memory: it compiles once more."""
+    from flax import nnx
     from zoo.models import cpu_kernel
     from zoo.train import make_train_step
-    with cpu_kernel.disabled():
-        return compiled_flops(make_train_step(experiment).lower(state, batch).compile())
+    with (jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules),
+          cpu_kernel.disabled()):
+        flops = compiled_flops(make_train_step(experiment).lower(state, batch).compile())
+    return None if flops is None else flops / 1e9
 
 
 def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices=None,
@@ -114,11 +118,8 @@ def bench_mae(*, image_size: int = 224, steps: int = 5, warmup: int = 2, devices
         "loss": float(metrics["loss"]),
     }
     # After the memory figure: a second compiled step must not count as the run's memory.
-    result["xla_gflops_per_step"] = None
-    if count_xla_flops:
-        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-            xla_flops = xla_counted_flops(experiment, state, batches[0])
-        result["xla_gflops_per_step"] = None if xla_flops is None else xla_flops / 1e9
+    result["xla_gflops_per_step"] = (xla_counted_gflops(experiment, config, state, batches[0])
+                                     if count_xla_flops else None)
     print_fn(format_result(result, config))
     return result
 
@@ -232,11 +233,10 @@ def bench_text(objective: str = "mlm", *, vocab_size: int = BERT_VOCAB, steps: i
         # machine's speed (+-10% between steps here) cancels within a pair.
         result["corruption_overhead"] = statistics.median(
             a / b for a, b in zip(times["on_device"], times["precorrupted"])) - 1.0
-    result["xla_gflops_per_step"] = None  # counted after the memory figure, as in bench_mae
-    if count_xla_flops:
-        with jax.set_mesh(experiment.mesh), nnx.logical_axis_rules(config.rules):
-            xla_flops = xla_counted_flops(experiment, states["on_device"], batches[0])
-        result["xla_gflops_per_step"] = None if xla_flops is None else xla_flops / 1e9
+    # Counted after the memory figure, as in bench_mae.
+    result["xla_gflops_per_step"] = (
+        xla_counted_gflops(experiment, config, states["on_device"], batches[0])
+        if count_xla_flops else None)
     print_fn(format_text_result(result, config))
     return result
 
