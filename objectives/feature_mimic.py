@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from objectives.mae import MAE, MaeDecoder, mae_loss
+from objectives.mae import MAE, MaeDecoder, reconstruction_loss
 from zoo.models.layers import dense
 
 
@@ -73,10 +73,8 @@ class FeatureMimic(MAE):
 
     def apply(self, model, inputs, context):
         encoder = model.encoder
-        tokens = encoder.embed(inputs["patches"])
-        kept = jnp.take_along_axis(tokens, inputs["ids_keep"][..., None], axis=1)
-        latent = encoder.encode(kept)
-        pixels = model.heads.decoder(latent, inputs["ids_restore"])
+        latent = self.encode_kept(model, inputs)
+        pixels = model.heads.decoder(latent, inputs["ids_restore"], rows=inputs["ids_removed"])
         visible = latent[:, 1:] if encoder.has_cls else latent
         teacher_tokens = context.teacher.encoder(inputs["patches"])   # the complete image
         if context.teacher.encoder.has_cls:
@@ -86,8 +84,7 @@ class FeatureMimic(MAE):
                 "mimic_target": normalized_features(target)}
 
     def loss(self, outputs, targets):
-        reconstruction = mae_loss(outputs["pixels"], targets["patches"], targets["mask"],
-                                  self.norm_pix_loss)
+        reconstruction = reconstruction_loss(outputs["pixels"], targets, self.norm_pix_loss)
         mimic = jnp.mean(jnp.square(outputs["mimic"].astype(jnp.float32)
                                     - outputs["mimic_target"]))
         loss = reconstruction + self.mimic_weight * mimic

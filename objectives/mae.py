@@ -22,6 +22,19 @@ from zoo.models.posemb import sincos_2d
 NORM_PIX_EPS = 1e-6
 
 
+def masking_plan(rng: jax.Array, batch: int, length: int, mask_ratio: float):
+    """``masking_indices`` plus the removed positions: ``(ids_keep, ids_removed [B, L -
+    len_keep], mask, ids_restore)``, the removed ones in the order of increasing noise too."""
+    len_keep = int(length * (1 - mask_ratio))
+    noise = jax.random.uniform(rng, (batch, length))
+    ids_shuffle = jnp.argsort(noise, axis=1)          # ascending: small noise is kept
+    ids_restore = jnp.argsort(ids_shuffle, axis=1)    # inverse permutation
+    # In shuffled order the first len_keep entries are kept; un-shuffling that 0/1 vector puts
+    # 1 exactly where ids_restore points past len_keep.
+    mask = (ids_restore >= len_keep).astype(jnp.float32)
+    return ids_shuffle[:, :len_keep], ids_shuffle[:, len_keep:], mask, ids_restore
+
+
 def masking_indices(rng: jax.Array, batch: int, length: int, mask_ratio: float):
     """Random per-example masking plan, as in MAE's ``random_masking``.
 
@@ -29,14 +42,7 @@ def masking_indices(rng: jax.Array, batch: int, length: int, mask_ratio: float):
     the order of increasing noise, a float mask that is 1 for removed patches, and the inverse of
     the noise-sorting permutation.
     """
-    len_keep = int(length * (1 - mask_ratio))
-    noise = jax.random.uniform(rng, (batch, length))
-    ids_shuffle = jnp.argsort(noise, axis=1)          # ascending: small noise is kept
-    ids_restore = jnp.argsort(ids_shuffle, axis=1)    # inverse permutation
-    ids_keep = ids_shuffle[:, :len_keep]
-    # In shuffled order the first len_keep entries are kept; un-shuffling that 0/1 vector puts
-    # 1 exactly where ids_restore points past len_keep.
-    mask = (ids_restore >= len_keep).astype(jnp.float32)
+    ids_keep, _, mask, ids_restore = masking_plan(rng, batch, length, mask_ratio)
     return ids_keep, mask, ids_restore
 
 
@@ -47,8 +53,10 @@ def random_masking(rng: jax.Array, x: jax.Array, mask_ratio: float):
     return x_kept, mask, ids_restore
 
 
-def mae_loss(pred: jax.Array, patches: jax.Array, mask: jax.Array, norm_pix_loss: bool):
-    """Mean squared error per patch, averaged over removed patches of the whole batch.
+def mae_loss(pred: jax.Array, patches: jax.Array, mask: jax.Array | None,
+             norm_pix_loss: bool):
+    """Mean squared error per patch, averaged over removed patches of the whole batch
+    (``mask`` 1 where removed; ``None``: every patch given is a removed one).
 
     With ``norm_pix_loss`` each target patch is normalised by its own mean and UNBIASED variance
     (ddof=1, as ``torch.Tensor.var`` defaults to in the reference), eps 1e-6.
@@ -59,7 +67,7 @@ def mae_loss(pred: jax.Array, patches: jax.Array, mask: jax.Array, norm_pix_loss
         var = target.var(axis=-1, keepdims=True, ddof=1)
         target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
     per_patch = ((pred.astype(jnp.float32) - target) ** 2).mean(axis=-1)
-    return (per_patch * mask).sum() / mask.sum()
+    return per_patch.mean() if mask is None else (per_patch * mask).sum() / mask.sum()
 
 
 class MaeDecoder(nnx.Module):
@@ -79,9 +87,13 @@ class MaeDecoder(nnx.Module):
                                         dtype=dtype)
         self.pred = dense(width, patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, latent: jax.Array, ids_restore: jax.Array | None = None) -> jax.Array:
-        """Encoder tokens of the kept patches (cls first, if any) -> pixels of every patch.
-        ``ids_restore=None``: the encoder saw every patch, in order (nothing to un-shuffle)."""
+    def __call__(self, latent: jax.Array, ids_restore: jax.Array | None = None,
+                 rows: jax.Array | None = None) -> jax.Array:
+        """Encoder tokens of the kept patches (cls first, if any) -> pixels of every patch
+        [B, L, patch_dim], or with ``rows`` (int [B, n] patch positions) of those patches only
+        [B, n, patch_dim]: the same values, with the last block's output projection and MLP and
+        the prediction head run on n tokens instead of all. ``ids_restore=None``: the encoder
+        saw every patch, in order (nothing to un-shuffle)."""
         x = self.embed(latent)
         if self.has_cls:
             cls, x = x[:, :1], x[:, 1:]
@@ -94,6 +106,8 @@ class MaeDecoder(nnx.Module):
         x = x + jnp.asarray(sincos_2d(self.width, *self.grid)).astype(x.dtype)
         if self.has_cls:
             x = jnp.concatenate([cls, x], axis=1)   # the cls position embedding is zero
+        if rows is not None:   # positions in the decoder's sequence (the cls token is first)
+            return self.pred(self.decoder(x, rows=rows + 1 if self.has_cls else rows))
         x = self.pred(self.decoder(x))
         return x[:, 1:] if self.has_cls else x
 
@@ -142,28 +156,50 @@ class MAE(ImageObjective):
 
     def prepare(self, batch, rng):
         patches = patchify(image_to_float(batch["image"]), self.patch_size)
-        ids_keep, mask, ids_restore = masking_indices(rng, patches.shape[0], patches.shape[1],
-                                                      self.mask_ratio)
-        inputs = {"patches": patches, "ids_keep": ids_keep, "ids_restore": ids_restore}
-        return inputs, {"patches": patches, "mask": mask}
+        ids_keep, ids_removed, mask, ids_restore = masking_plan(
+            rng, patches.shape[0], patches.shape[1], self.mask_ratio)
+        inputs = {"patches": patches, "ids_keep": ids_keep, "ids_restore": ids_restore,
+                  "ids_removed": ids_removed}
+        return inputs, {"patches": patches, "mask": mask, "ids_removed": ids_removed}
+
+    def encode_kept(self, model, inputs) -> jax.Array:
+        """The encoder's tokens (cls first) of the kept patches. Only the kept patches are
+        embedded, each with its own position's embedding: the reference embeds every patch,
+        adds positions, then gathers; the values are the same."""
+        return model.encoder.encode(model.encoder.embed_at(inputs["patches"], inputs["ids_keep"]))
 
     def apply(self, model, inputs):
-        tokens = model.encoder.embed(inputs["patches"])          # positions added before gather
-        kept = jnp.take_along_axis(tokens, inputs["ids_keep"][..., None], axis=1)
-        latent = model.encoder.encode(kept)
-        return model.heads(latent, inputs["ids_restore"])
+        """Predicted pixels of the removed patches only, [B, L - len_keep, patch_dim] in the
+        order of ``ids_removed``: the loss never reads the visible patches' predictions, so the
+        decoder's last block and head skip them (``reconstruct`` predicts every patch)."""
+        return model.heads(self.encode_kept(model, inputs), inputs["ids_restore"],
+                           rows=inputs["ids_removed"])
+
+    def reconstruct(self, model, inputs) -> jax.Array:
+        """Predicted pixels of every patch, [B, L, patch_dim] (e.g. to show reconstructions;
+        the reference's ``forward`` output). On the removed patches equal to ``apply``'s."""
+        return model.heads(self.encode_kept(model, inputs), inputs["ids_restore"])
 
     def loss(self, outputs, targets):
-        loss = mae_loss(outputs, targets["patches"], targets["mask"], self.norm_pix_loss)
+        loss = reconstruction_loss(outputs, targets, self.norm_pix_loss)
         return loss, {"loss": loss}
 
     def forward_flops(self, model) -> float:
         enc, dec = model.encoder, model.heads
         cls = 1 if enc.has_cls else 0
         length = enc.num_patches
-        kept = int(length * (1 - self.mask_ratio)) + cls
-        return (dense_flops(length, enc.patch_dim, enc.width)         # embeds every patch
-                + transformer_flops(kept, enc.width, enc.depth, enc.mlp_dim)
-                + dense_flops(kept, enc.width, dec.width)
-                + transformer_flops(length + cls, dec.width, self.decoder_depth, 4 * dec.width)
-                + dense_flops(length + cls, dec.width, enc.patch_dim))
+        len_keep = int(length * (1 - self.mask_ratio))
+        removed = length - len_keep
+        return (dense_flops(len_keep, enc.patch_dim, enc.width)   # embeds the kept patches
+                + transformer_flops(len_keep + cls, enc.width, enc.depth, enc.mlp_dim)
+                + dense_flops(len_keep + cls, enc.width, dec.width)
+                + transformer_flops(length + cls, dec.width, self.decoder_depth, 4 * dec.width,
+                                    last_rows=removed)
+                + dense_flops(removed, dec.width, enc.patch_dim))  # predicts the removed ones
+
+
+def reconstruction_loss(pred: jax.Array, targets: dict, norm_pix_loss: bool) -> jax.Array:
+    """MAE's loss for predictions of the removed patches only (``MAE.apply``'s order,
+    ``targets["ids_removed"]``): ``mae_loss`` over the patches they are predictions of."""
+    removed = jnp.take_along_axis(targets["patches"], targets["ids_removed"][..., None], axis=1)
+    return mae_loss(pred, removed, None, norm_pix_loss)

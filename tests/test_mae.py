@@ -297,7 +297,7 @@ def test_end_to_end_jit_loss_and_grads(setup):
 
     step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (loss, (out, targets, metrics)), grads = step(params, batch, jax.random.PRNGKey(0))
-    assert out.shape == (BATCH, L, PATCH_DIM)
+    assert out.shape == (BATCH, L - 4, PATCH_DIM)   # predictions of the 12 removed patches
     assert loss.shape == () and np.isfinite(float(loss))
     assert float(metrics["loss"]) == float(loss)
     leaves = jax.tree.leaves(grads)
@@ -309,9 +309,15 @@ def test_end_to_end_jit_loss_and_grads(setup):
     np.testing.assert_allclose(np.asarray(targets["patches"]),
                                np.asarray(patchify(jnp.asarray(img), PATCH)), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(targets["mask"]).sum(1), [L - 4] * BATCH)
-    # The loss is the pixel MSE over removed patches, recomputed in numpy.
-    o, p, msk = (np.asarray(a, np.float64) for a in (out, targets["patches"], targets["mask"]))
-    expected = (((o - p) ** 2).mean(-1) * msk).sum() / msk.sum()
+    # ids_removed lists exactly the patches the mask removes, each once.
+    removed, msk = np.asarray(targets["ids_removed"]), np.asarray(targets["mask"])
+    for b in range(BATCH):
+        assert sorted(removed[b]) == list(np.flatnonzero(msk[b]))
+    # The loss is the pixel MSE over removed patches, recomputed in numpy: prediction j of
+    # example b is patch removed[b, j].
+    o, p = np.asarray(out, np.float64), np.asarray(targets["patches"], np.float64)
+    expected = np.mean([((o[b, j] - p[b, removed[b, j]]) ** 2).mean()
+                        for b in range(BATCH) for j in range(L - 4)])
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     # A second rng reuses the compiled step.
     compiled = step._cache_size()   # noqa: SLF001
@@ -319,11 +325,64 @@ def test_end_to_end_jit_loss_and_grads(setup):
     assert step._cache_size() == compiled, "a new rng recompiled"   # noqa: SLF001
 
 
+def _reference_loss(obj, model, inputs, targets):
+    """The reference's forward, written out: embed EVERY patch and add positions, gather the
+    kept tokens, encode, decode every patch, and average the per-patch error over the mask."""
+    tokens = model.encoder.embed(inputs["patches"])
+    kept = jnp.take_along_axis(tokens, inputs["ids_keep"][..., None], axis=1)
+    pred = model.heads(model.encoder.encode(kept), inputs["ids_restore"])
+    return mae_loss(pred, targets["patches"], targets["mask"], obj.norm_pix_loss), pred
+
+
+@pytest.mark.parametrize("decoder_depth,norm_pix", [(1, False), (2, True)])
+def test_fast_path_matches_reference_loss_and_gradients(decoder_depth, norm_pix):
+    """apply embeds only the kept patches and runs the decoder's last block and head on the
+    removed patches only: loss and EVERY gradient must equal the reference's full forward."""
+    obj = objectives.get("mae", patch_size=PATCH, decoder_width=32, decoder_depth=decoder_depth,
+                         decoder_heads=2, norm_pix_loss=norm_pix)
+    rngs = nnx.Rngs(3)
+    encoder = zoo.models.get("vit", size="test", depth=1, mlp_dim=128, grid=GRID,
+                             patch_dim=PATCH_DIM, rngs=rngs)
+    with nnx.use_eager_sharding(False):
+        heads = obj.make_heads(encoder, rngs=rngs)
+    model = zoo.models.PretrainModel(encoder, heads)
+    images = np.random.default_rng(1).integers(0, 256, (3, *IMAGE), dtype=np.uint8)
+    inputs, targets = obj.prepare({"image": jnp.asarray(images)}, jax.random.PRNGKey(7))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def fast(params):
+        return obj.loss(obj.apply(nnx.merge(graphdef, params, rest), inputs), targets)[0]
+
+    def reference(params):
+        return _reference_loss(obj, nnx.merge(graphdef, params, rest), inputs, targets)[0]
+
+    (loss, grads), (ref_loss, ref_grads) = (jax.jit(jax.value_and_grad(f))(params)
+                                            for f in (fast, reference))
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
+    assert len(flat) == len(ref_flat) > 10
+    for g, r in zip(flat, ref_flat):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4,
+                                   atol=1e-5 * np.abs(np.asarray(r)).max() + 1e-7)
+    # The visible patches' predictions never reach the loss, so they get no gradient anyway.
+    full = obj.reconstruct(nnx.merge(graphdef, params, rest), inputs)
+    fast_pred = obj.apply(nnx.merge(graphdef, params, rest), inputs)
+    removed = np.asarray(inputs["ids_removed"])
+    np.testing.assert_allclose(np.asarray(fast_pred),
+                               np.take_along_axis(np.asarray(full), removed[..., None], 1),
+                               rtol=1e-4, atol=1e-5)
+    # Negative control: predictions of the KEPT patches in the removed slots change the loss.
+    wrong = np.take_along_axis(np.asarray(full), np.asarray(inputs["ids_keep"])[..., None], 1)
+    wrong = np.concatenate([wrong] * 3, axis=1)
+    assert abs(float(obj.loss(jnp.asarray(wrong), targets)[0]) - float(loss)) > 1e-3
+
+
 def test_position_embeddings_added_before_gather(setup):
     obj, model, batch = setup
     inputs, _ = obj.prepare(batch, jax.random.PRNGKey(5))
     # apply only touches model.encoder and model.heads: an identity head returns the latent.
-    spy = types.SimpleNamespace(encoder=model.encoder, heads=lambda latent, ids_restore: latent)
+    spy = types.SimpleNamespace(encoder=model.encoder,
+                                heads=lambda latent, ids_restore, rows=None: latent)
     latent = np.asarray(jax.jit(lambda i: obj.apply(spy, i))(inputs))
     assert latent.shape == (BATCH, 1 + 4, model.encoder.width)
 
@@ -393,12 +452,17 @@ def test_forward_flops_hand_count(setup):
         return dense(t, w, 3 * w) + dense(t, w, w) + dense(t, w, m) + dense(t, m, w) + 4 * t * t * w
 
     kept = int(L * 0.25) + 1     # kept patches + cls: all the encoder blocks see
-    expected = (dense(L, PATCH_DIM, 32)            # patch embedding runs on every patch
+    removed = L - 4
+    # The decoder's last (here: only) block: qkv and attention over all patches + cls, the
+    # output projection and MLP over the removed patches only.
+    last = (dense(L + 1, 32, 96) + 4 * (L + 1) * (L + 1) * 32 + dense(removed, 32, 32)
+            + dense(removed, 32, 128) + dense(removed, 128, 32))
+    expected = (dense(4, PATCH_DIM, 32)            # patch embedding runs on the kept patches
                 + 1 * block(kept, 32, 128)
                 + dense(kept, 32, 32)              # decoder_embed on encoder outputs
-                + 1 * block(L + 1, 32, 128)        # decoder over all patches + cls
-                + dense(L + 1, 32, PATCH_DIM))     # decoder_pred
-    assert expected == 616448                      # the same sum done by hand
+                + last
+                + dense(removed, 32, PATCH_DIM))   # decoder_pred on the removed patches
+    assert expected == 511232                      # the same sum done by hand
     assert obj.forward_flops(model) == pytest.approx(expected)
 
 

@@ -17,12 +17,20 @@ def dense_flops(tokens: int, fan_in: int, fan_out: int) -> float:
     return 2.0 * tokens * fan_in * fan_out
 
 
-def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
-    """Forward FLOPs of ``depth`` pre-norm blocks over ``tokens`` tokens (one example)."""
-    projections = dense_flops(tokens, width, 3 * width) + dense_flops(tokens, width, width)
-    mlp = dense_flops(tokens, width, mlp_dim) + dense_flops(tokens, mlp_dim, width)
-    attention = 2 * 2.0 * tokens * tokens * width  # q @ k^T and attn @ v
-    return depth * (projections + mlp + attention)
+def transformer_flops(tokens: int, width: int, depth: int, mlp_dim: int,
+                      last_rows: int | None = None) -> float:
+    """Forward FLOPs of ``depth`` pre-norm blocks over ``tokens`` tokens (one example).
+    ``last_rows``: the last block's output projection and MLP run on that many tokens only
+    (``TransformerStack``'s ``rows``); its qkv projection and attention still see them all."""
+    def block(rows: int) -> float:
+        qkv = dense_flops(tokens, width, 3 * width)
+        attention = 2 * 2.0 * tokens * tokens * width  # q @ k^T and attn @ v
+        rest = (dense_flops(rows, width, width) + dense_flops(rows, width, mlp_dim)
+                + dense_flops(rows, mlp_dim, width))
+        return qkv + attention + rest
+    if depth == 0:
+        return 0.0
+    return (depth - 1) * block(tokens) + block(tokens if last_rows is None else last_rows)
 
 
 def train_step_flops(forward_flops_per_example: float, batch_size: int) -> float:

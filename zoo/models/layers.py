@@ -268,8 +268,11 @@ class Attention(nnx.Module):
         self.qkv = dense(width, 3 * width, ("embed", "heads"), rngs=rngs, dtype=dtype)
         self.proj = dense(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``mask`` (optional, bool, broadcastable to [B, heads, L, L]) is True where allowed."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 rows: jax.Array | None = None) -> jax.Array:
+        """``mask`` (optional, bool, broadcastable to [B, heads, L, L]) is True where allowed.
+        ``rows`` (optional, int [B, n]): return only these query rows, [B, n, W] (every token
+        is still a key and value; the output projection runs on the n rows only)."""
         batch, length, width = x.shape
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
         how = resolve_attention(self.attention_implementation, qkv.dtype, mask is not None)
@@ -281,7 +284,10 @@ class Attention(nnx.Module):
             # One transpose to heads-major [3, B, H, L, D] (see ATTENTION_IMPLEMENTATIONS).
             out = einsum_attention(*jnp.transpose(qkv, (2, 0, 3, 1, 4)), mask)
             out = jnp.transpose(out, (0, 2, 1, 3))
-        return self.proj(out.reshape(batch, length, width))
+        out = out.reshape(batch, length, width)
+        if rows is not None:
+            out = jnp.take_along_axis(out, rows[..., None], axis=1)
+        return self.proj(out)
 
 
 def set_attention(model: nnx.Module, implementation: str) -> None:
@@ -311,8 +317,13 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(width, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(width, mlp_dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.norm1(x), mask)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 rows: jax.Array | None = None) -> jax.Array:
+        """``rows`` (optional, int [B, n]): compute only these tokens' outputs, [B, n, W]."""
+        attended = self.attn(self.norm1(x), mask, rows)
+        if rows is not None:
+            x = jnp.take_along_axis(x, rows[..., None], axis=1)
+        x = x + attended
         x = x + self.mlp(self.norm2(x))
         return shard_activation(x, ("batch", "seq", "act_embed"))
 
@@ -385,9 +396,24 @@ class TransformerStack(nnx.Module):
         self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-                 return_layers: bool = False):
+                 return_layers: bool = False, rows: jax.Array | None = None):
         """[B, L, W] -> [B, L, W] after the final norm; with ``return_layers`` also the list of
-        every block's output (before the final norm), e.g. for multi-layer feature fusion."""
+        every block's output (before the final norm), e.g. for multi-layer feature fusion.
+
+        ``rows`` (optional, int [B, n]): only these tokens' outputs are wanted, [B, n, W]. The
+        last block then runs its output projection and MLP on those rows alone (the same values
+        for them: the rows' queries still attend over every token); a scanned stack computes
+        every row and gathers at the end."""
+        if rows is not None:
+            if return_layers:
+                raise ValueError("TransformerStack: rows and return_layers do not go together")
+            gather = lambda y: jnp.take_along_axis(y, rows[..., None], axis=1)  # noqa: E731
+            if self.scan or not len(self.blocks):
+                return self.norm(gather(self.blocks(x, mask) if self.scan else x))
+            last = len(self.blocks) - 1
+            for i in range(last):
+                x = call_block(self.blocks[i], x, mask, remat=self.remat)
+            return self.norm(call_block(self.blocks[last], x, mask, rows, remat=self.remat))
         if self.scan:
             if not return_layers:
                 return self.norm(self.blocks(x, mask))

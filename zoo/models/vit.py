@@ -81,6 +81,14 @@ class ViT(nnx.Module):
             x = x + pos.astype(x.dtype)
         return x
 
+    def embed_at(self, patches: jax.Array, ids: jax.Array) -> jax.Array:
+        """``embed(patches)`` at the positions ``ids`` (int [B, n]) only -> [B, n, width]: the
+        same values as embedding every patch and gathering (MAE's order: position embeddings
+        before the gather), with the patch embedding run on n patches instead of L."""
+        x = self.patch_embed(jnp.take_along_axis(patches, ids[..., None], axis=1))
+        pos = self.position_embeddings()
+        return x if pos is None else x + pos.astype(x.dtype)[ids]
+
     def encode(self, tokens: jax.Array, key_mask: jax.Array | None = None, *,
                return_layers: bool = False):
         """Prepends the cls token (its position embedding is zero, as in MAE) and runs blocks.
