@@ -7,7 +7,7 @@ from flax import nnx
 
 from zoo.models import layers
 from zoo.models.backward import backward_mode
-from zoo.models.layer_norm import LayerNorm, apply_layer_norm
+from zoo.models.layer_norm import LayerNorm, apply_layer_norm, apply_layer_norm_and_input
 
 
 def _reference(x, scale, bias, eps):
@@ -136,3 +136,48 @@ def test_sharded_meshes_keep_the_xla_path():
     with jax.set_mesh(mesh):
         hlo = jax.jit(lambda x: apply_layer_norm(x, scale, bias)).lower(x).as_text()
     assert len(jax.devices()) > 1 and cpu_kernel.LAYER_NORM_TARGETS["forward"] not in hlo
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("shape", [(2, 197, 256), (5, 8)])
+def test_layer_norm_and_input_gradients_add_both_uses(shape, kernel, monkeypatch):
+    """``(y, x) = apply_layer_norm_and_input(x)`` as in a pre-norm block (``x + branch(y)``):
+    the values are LayerNorm's and x itself, and x's gradient is the sum of both uses', as
+    autodiff of the plain formula gives it (the CPU kernel adds the residual path in its pass;
+    the XLA path adds it after)."""
+    from zoo.models import cpu_kernel
+    from zoo.models import layer_norm as module
+    if not kernel:
+        monkeypatch.setattr(module, "_kernel_takes", lambda x, scale: False)
+    x, scale, bias, g = _operands(shape, seed=4, offset=1.0)
+    w = jnp.cos(g)   # a second, different cotangent for the residual path
+
+    def block(f):
+        def loss(x, s, b):
+            y, passed = f(x, s, b, 1e-6)
+            return jnp.sum(jnp.sin(y) * g) + jnp.sum(passed * passed * w)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+    y, passed = apply_layer_norm_and_input(x, scale, bias, 1e-6)
+    np.testing.assert_allclose(y, _reference(x, scale, bias, 1e-6), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(passed, x)
+    hlo = block(apply_layer_norm_and_input).lower(x, scale, bias).as_text()
+    assert (cpu_kernel.LAYER_NORM_TARGETS["backward"] in hlo) == kernel
+    value, grads = block(apply_layer_norm_and_input)(x, scale, bias)
+    with backward_mode("autodiff"):
+        want_value, want_grads = block(
+            lambda x, s, b, eps: (apply_layer_norm(x, s, b, eps), x))(x, scale, bias)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for name, a, e in zip(("x", "scale", "bias"), grads, want_grads):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=2e-5, err_msg=name)
+    # Without the residual path's share, x's gradient is visibly different (the test can fail).
+    alone = jax.grad(lambda x: jnp.sum(jnp.sin(apply_layer_norm(x, scale, bias, 1e-6)) * g))(x)
+    assert np.abs(np.asarray(alone) - np.asarray(grads[0])).max() > 0.1
+
+
+def test_module_with_input_matches_call():
+    norm = LayerNorm(16, epsilon=1e-6, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 16))
+    y, passed = norm.with_input(x)
+    np.testing.assert_allclose(y, norm(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(passed, x)

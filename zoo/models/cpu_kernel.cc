@@ -517,17 +517,23 @@ ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
                              ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
-                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_scale,
-                             ffi::ResultBuffer<ffi::F32> d_bias) {
+                             ffi::Buffer<ffi::F32> d_residual, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> d_scale,
+                             ffi::ResultBuffer<ffi::F32> d_bias, bool add_residual) {
   RowsShape s;
   if (auto error = RowsOf(x, scale, &s); error.failure()) return error;
   if (dy.element_count() != x.element_count() ||
       mean.element_count() != static_cast<size_t>(s.rows) ||
-      rstd.element_count() != static_cast<size_t>(s.rows)) {
-    return ffi::Error::InvalidArgument("zoo_layer_norm: dy, mean or rstd has the wrong size");
+      rstd.element_count() != static_cast<size_t>(s.rows) ||
+      (add_residual && d_residual.element_count() != x.element_count())) {
+    return ffi::Error::InvalidArgument(
+        "zoo_layer_norm: dy, d_residual, mean or rstd has the wrong size");
   }
   const float *in = x.typed_data(), *g = scale.typed_data(), *mu = mean.typed_data();
   const float *rs = rstd.typed_data(), *grad = dy.typed_data();
+  // With add_residual, dx also takes the gradient of the block's residual path (a pre-norm
+  // block reads its input twice: through the norm and around it), saving XLA a pass to add it.
+  const float* res = add_residual ? d_residual.typed_data() : nullptr;
   float* out = dx->typed_data();
   const int64_t C = s.cols, R = s.rows;
   const float inv_c = C == 0 ? 0.f : 1.f / static_cast<float>(C);
@@ -557,10 +563,19 @@ ffi::Error LayerNormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       mean_g *= inv_c;
       mean_gx *= inv_c;
       float* o = out + r * C;
+      if (res == nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < C; ++j) {
-        const float xhat = (row[j] - m) * inv_std;
-        o[j] = inv_std * (d[j] * g[j] - mean_g - xhat * mean_gx);
+        for (int64_t j = 0; j < C; ++j) {
+          const float xhat = (row[j] - m) * inv_std;
+          o[j] = inv_std * (d[j] * g[j] - mean_g - xhat * mean_gx);
+        }
+      } else {
+        const float* rr = res + r * C;
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) {
+          const float xhat = (row[j] - m) * inv_std;
+          o[j] = inv_std * (d[j] * g[j] - mean_g - xhat * mean_gx) + rr[j];
+        }
       }
     }
   }, std::numeric_limits<int64_t>::max());
@@ -790,9 +805,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooLayerNormBackward, LayerNormBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // mean [..., 1]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // rstd [..., 1]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dy [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // d residual (if added)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx [..., C]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d scale [C]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // d bias [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d bias [C]
+                                  .Attr<bool>("add_residual"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooDenseWeightGradient, DenseWeightGradient,
                               ffi::Ffi::Bind()

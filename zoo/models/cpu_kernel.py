@@ -347,17 +347,24 @@ def layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
 
 def layer_norm_backward(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: jax.Array,
-                        d_y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(dx, d_scale, d_bias)`` of ``layer_norm_forward`` given the output's cotangent."""
+                        d_y: jax.Array, d_residual: jax.Array | None = None,
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dx, d_scale, d_bias)`` of ``layer_norm_forward`` given the output's cotangent;
+    ``d_residual`` (x's shape), if given, is added to ``dx`` in the same pass."""
     _require_kernel()
-    if d_y.shape != x.shape or mean.size * x.shape[-1] != x.size or rstd.shape != mean.shape:
+    if (d_y.shape != x.shape or mean.size * x.shape[-1] != x.size or rstd.shape != mean.shape
+            or (d_residual is not None and d_residual.shape != x.shape)):
         raise ValueError(f"layer_norm_backward: x {x.shape}, d_y {d_y.shape}, mean "
-                         f"{mean.shape} and rstd {rstd.shape} do not fit together")
+                         f"{mean.shape}, rstd {rstd.shape} and d_residual "
+                         f"{None if d_residual is None else d_residual.shape} do not fit together")
     call = jax.ffi.ffi_call(LAYER_NORM_TARGETS["backward"], (
         jax.ShapeDtypeStruct(x.shape, jnp.float32),
         jax.ShapeDtypeStruct(scale.shape, jnp.float32),
         jax.ShapeDtypeStruct(scale.shape, jnp.float32)), vmap_method="sequential")
-    return call(x, scale.astype(jnp.float32), mean, rstd, d_y.astype(jnp.float32))
+    residual = (jnp.zeros((0,), jnp.float32) if d_residual is None
+                else d_residual.astype(jnp.float32))
+    return call(x, scale.astype(jnp.float32), mean, rstd, d_y.astype(jnp.float32), residual,
+                add_residual=d_residual is not None)
 
 
 def dense_weight_gradient(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -320,11 +320,12 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                  rows: jax.Array | None = None) -> jax.Array:
         """``rows`` (optional, int [B, n]): compute only these tokens' outputs, [B, n, W]."""
-        attended = self.attn(self.norm1(x), mask, rows)
+        normed, x = self.norm1.with_input(x)
+        attended = self.attn(normed, mask, rows)
         if rows is not None:
             x = jnp.take_along_axis(x, rows[..., None], axis=1)
-        x = x + attended
-        x = x + self.mlp(self.norm2(x))
+        normed, x = self.norm2.with_input(x + attended)
+        x = x + self.mlp(normed)
         return shard_activation(x, ("batch", "seq", "act_embed"))
 
 
