@@ -1,5 +1,6 @@
 """zoo.models.cpu_kernel: the BLAS batched matmul and the "blas" attention built on it."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,59 @@ def test_packed_attention_values_and_gradients_match_einsum(batch, length, heads
         assert float(jnp.abs(got_grad[0, 2, 0, -1]).max()) == 0.0   # its query's gradient
 
 
+@pytest.mark.parametrize("batch,length,heads,dim", [(2, 9, 3, 8), (1, 197, 2, 32),
+                                                    (2, 37, 2, 48)])
+@pytest.mark.parametrize("mask_kind", [None, "per_head_with_an_empty_row"])
+def test_packed_attention_folds_the_projection_bias(batch, length, heads, dim, mask_kind):
+    """``packed_blas_attention(qkv, mask, bias)`` must give the values and the gradients (for
+    qkv AND the bias) of attention over ``qkv + bias``: the kernel drops the key bias (the
+    softmax removes it) and adds the others' shares in its own passes."""
+    rng = np.random.default_rng(length + dim)
+    qkv, d_out, mask = _packed_case(rng, batch, length, heads, dim, mask_kind)
+    bias = jnp.asarray(rng.standard_normal((3, heads, dim)).astype(np.float32))
+
+    def value_and_grads(attention):
+        out, pullback = jax.vjp(attention, qkv, bias)
+        return out, *pullback(d_out)
+
+    want = jax.jit(lambda: value_and_grads(lambda x, b: _einsum_on_packed(x + b, mask)))()
+    got = jax.jit(lambda: value_and_grads(
+        lambda x, b: layers.packed_blas_attention(x, mask, b)))()
+    for name, g, w in zip(("out", "d_qkv", "d_bias"), got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()),
+                                   err_msg=name)
+    # The bias matters: without it the values differ (the test can fail).
+    unbiased = layers.packed_blas_attention(qkv, mask)
+    assert float(jnp.abs(unbiased - got[0]).max()) > 0.1
+
+
+def test_attention_module_folds_its_qkv_bias_on_cpu():
+    """The blas path gives the einsum path's values and gradients with a non-zero qkv bias,
+    and its compiled step has no pass adding the bias to the projection."""
+    from flax import nnx
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((2, 10, 32)).astype(np.float32))
+    bias = jnp.asarray(rng.standard_normal(96).astype(np.float32))
+    results = {}
+    for implementation in ("blas", "einsum"):
+        attention = layers.Attention(32, 2, rngs=nnx.Rngs(0), implementation=implementation)
+        attention.qkv.bias[...] = bias
+        graphdef, params = nnx.split(attention)
+        loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))  # noqa: E731
+        results[implementation] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    (value, (grads, d_x)), (want_value, (want_grads, want_d_x)) = results["blas"], results["einsum"]
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(d_x, want_d_x, rtol=1e-4, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(grads["qkv"]["bias"][...]).max()) > 0.01
+    # No add over the projection's [2, 10, 96] output (or its [2, 10, 3, 2, 16] view) is left.
+    attention = layers.Attention(32, 2, rngs=nnx.Rngs(0), implementation="blas")
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: attention(x).sum()))(x))
+    assert re.search(r"f32\[2,10,(96|3,2,16)\] = add ", jaxpr) is None
+    assert re.search(r"f32\[2,10,32\] = add ", jaxpr) is not None   # the check sees adds
+
+
 def test_packed_attention_weights_are_the_softmax_and_sum_to_one():
     rng = np.random.default_rng(5)
     qkv, _, _ = _packed_case(rng, 2, 33, 2, 16, None)
@@ -222,6 +276,8 @@ def test_packed_attention_rejects_bad_operands():
     with pytest.raises(ValueError, match=r"needs weights \[B, H, L, L\] and d_out"):
         cpu_kernel.packed_attention_backward(qkv, jnp.ones((1, 1, 2, 2)), jnp.ones((2, 5, 2, 4)),
                                              None, 0.5)
+    with pytest.raises(ValueError, match=r"the bias must be float32 \(3, 2, 4\)"):
+        cpu_kernel.packed_attention_forward(qkv, None, 0.5, bias=jnp.ones((3, 8)))
 
 
 def test_a_compiler_refusing_march_native_gets_the_portable_build(monkeypatch, tmp_path):

@@ -364,12 +364,27 @@ ffi::Error CheckPacked(ffi::Buffer<ffi::F32>& qkv, ffi::Buffer<ffi::PRED>& mask,
   return ffi::Error::Success();
 }
 
+// The projection's bias [3, H, D] (optional, `has_bias`) is folded in rather than added to qkv
+// beforehand, saving XLA a pass over the projection: with q' = q + bq, k' = k + bk, v' = v + bv,
+// softmax_j(q'_i . k'_j) = softmax_j(q_i . k_j + bq . k_j) (the terms constant in j cancel, so
+// the key bias drops out), and p v' = p v + bv (each row of p sums to 1).
+ffi::Error CheckBias(const ffi::Buffer<ffi::F32>& bias, bool has_bias, const PackedShape& s) {
+  if (has_bias && bias.element_count() != static_cast<size_t>(3 * s.heads * s.dim)) {
+    return ffi::Error::InvalidArgument("zoo_packed_attention: the bias must be [3, H, D]");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error PackedAttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
-                                  ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
-                                  ffi::ResultBuffer<ffi::F32> weights, float scale, bool masked) {
+                                  ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias,
+                                  ffi::ResultBuffer<ffi::F32> out,
+                                  ffi::ResultBuffer<ffi::F32> weights, float scale, bool masked,
+                                  bool has_bias) {
   PackedShape s;
   MaskView view;
   if (auto error = CheckPacked(qkv, mask, masked, &s, &view); error.failure()) return error;
+  if (auto error = CheckBias(bias, has_bias, s); error.failure()) return error;
+  const float* biases = has_bias ? bias.typed_data() : nullptr;
   const float* x = qkv.typed_data();
   float* o = out->typed_data();
   float* p = weights->typed_data();
@@ -386,23 +401,57 @@ ffi::Error PackedAttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qk
     float* probs = p + task * s.length * s.length;
     PackTransposed(k, qkv_row, L, D, padded, packed.data());  // k^T [D, L]
     SmallGemm(L, L, D, scale, q, qkv_row, 1, packed.data(), padded, padded, probs, L);
+    if (biases != nullptr) {  // + scale * bq . k_j in every row
+      thread_local std::vector<float> key_terms;
+      key_terms.resize(s.length);
+      const float* bq = biases + h * s.dim;
+      for (int64_t j = 0; j < s.length; ++j) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < s.dim; ++d) dot += bq[d] * k[j * qkv_row + d];
+        key_terms[j] = scale * dot;
+      }
+      for (int64_t i = 0; i < s.length; ++i) {
+        float* row = probs + i * s.length;
+#pragma omp simd
+        for (int64_t j = 0; j < s.length; ++j) row[j] += key_terms[j];
+      }
+    }
     for (int64_t i = 0; i < s.length; ++i) {
       SoftmaxRow(probs + i * s.length, s.length,
                  view.data ? view.Row(b, h, i) : nullptr, view.j);
     }
-    SmallGemm(L, D, L, 1.f, probs, L, 1, v, qkv_row, D,
-              o + b * s.length * out_row + h * s.dim, out_row);
+    float* out_block = o + b * s.length * out_row + h * s.dim;
+    SmallGemm(L, D, L, 1.f, probs, L, 1, v, qkv_row, D, out_block, out_row);
+    if (biases != nullptr) {  // + bv in every row
+      const float* bv = biases + (2 * s.heads + h) * s.dim;
+      for (int64_t i = 0; i < s.length; ++i) {
+#pragma omp simd
+        for (int64_t d = 0; d < s.dim; ++d) out_block[i * out_row + d] += bv[d];
+      }
+    }
   }, std::numeric_limits<int64_t>::max());
   return ffi::Error::Success();
 }
 
 ffi::Error PackedAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                                    ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> d_out,
-                                   ffi::Buffer<ffi::PRED> mask,
-                                   ffi::ResultBuffer<ffi::F32> d_qkv, float scale, bool masked) {
+                                   ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> bias,
+                                   ffi::ResultBuffer<ffi::F32> d_qkv,
+                                   ffi::ResultBuffer<ffi::F32> d_bias, float scale, bool masked,
+                                   bool has_bias) {
   PackedShape s;
   MaskView view;
   if (auto error = CheckPacked(qkv, mask, masked, &s, &view); error.failure()) return error;
+  if (auto error = CheckBias(bias, has_bias, s); error.failure()) return error;
+  if (has_bias && d_bias->element_count() != bias.element_count()) {
+    return ffi::Error::InvalidArgument("zoo_packed_attention: d_bias must be [3, H, D]");
+  }
+  const float* biases = has_bias ? bias.typed_data() : nullptr;
+  // With the bias folded in, each (batch, head) task also sums its rows of d q, d k and d v
+  // (the bias's gradient), into its own slot; the slots are added up at the end.
+  std::vector<float> bias_partials(has_bias ? s.batch * s.heads * 3 * s.dim : 0, 0.f);
+  float* partials = bias_partials.data();
   auto w = weights.dimensions();
   auto g = d_out.dimensions();
   if (w.size() != 4 || w[0] != s.batch || w[1] != s.heads || w[2] != s.length ||
@@ -446,10 +495,51 @@ ffi::Error PackedAttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q
         }
       }
     }
+    // The folded bias: v's leaves d scores alone (a constant per row of d probs) and k's
+    // leaves d q alone (each row of d scores sums to 0); q's adds (column sums of d scores) x bq
+    // to d k.
     SmallGemm(L, D, L, scale, ds, L, 1, k, qkv_row, D, dq, qkv_row);      // ds k
     SmallGemm(L, D, L, scale, ds, 1, L, q, qkv_row, D, dk, qkv_row);      // ds^T q
     SmallGemm(L, D, L, 1.f, probs, 1, L, dyo, out_row, D, dv, qkv_row);  // p^T d out
+    if (biases != nullptr) {
+      thread_local std::vector<float> column_sums;
+      column_sums.assign(s.length, 0.f);
+      float* sums = column_sums.data();
+      for (int64_t i = 0; i < s.length; ++i) {
+        const float* row = ds + i * s.length;
+#pragma omp simd
+        for (int64_t j = 0; j < s.length; ++j) sums[j] += row[j];
+      }
+      const float* bq = biases + h * s.dim;
+      float* part = partials + task * 3 * s.dim;
+      for (int64_t j = 0; j < s.length; ++j) {
+        float* dkj = dk + j * qkv_row;
+        const float* dqj = dq + j * qkv_row;
+        const float* dvj = dv + j * qkv_row;
+        const float c = scale * sums[j];
+#pragma omp simd
+        for (int64_t d = 0; d < s.dim; ++d) {
+          dkj[d] += c * bq[d];
+          part[d] += dqj[d];
+          part[s.dim + d] += dkj[d];
+          part[2 * s.dim + d] += dvj[d];
+        }
+      }
+    }
   }, std::numeric_limits<int64_t>::max());
+  if (has_bias) {  // d bias [3, H, D] = the tasks' sums over the batch
+    float* db = d_bias->typed_data();
+    std::fill(db, db + 3 * s.heads * s.dim, 0.f);
+    for (int64_t b = 0; b < s.batch; ++b) {
+      for (int64_t h = 0; h < s.heads; ++h) {
+        const float* part = partials + (b * s.heads + h) * 3 * s.dim;
+        for (int64_t t = 0; t < 3; ++t) {
+          float* out = db + (t * s.heads + h) * s.dim;
+          for (int64_t d = 0; d < s.dim; ++d) out[d] += part[t * s.dim + d];
+        }
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -770,10 +860,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooPackedAttentionForward, PackedAttentionForward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // qkv [B, L, 3, H, D]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask (unused unless masked)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [3, H, D] (if has_bias)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out [B, L, H, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // weights [B, H, L, L]
                                   .Attr<float>("scale")
-                                  .Attr<bool>("masked"));
+                                  .Attr<bool>("masked")
+                                  .Attr<bool>("has_bias"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooPackedAttentionBackward, PackedAttentionBackward,
                               ffi::Ffi::Bind()
@@ -782,9 +874,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooPackedAttentionBackward, PackedAttentionBackwar
                                   .Arg<ffi::Buffer<ffi::F32>>()   // weights [B, H, L, L]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d out [B, L, H, D]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask (unused unless masked)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [3, H, D] (if has_bias)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d qkv [B, L, 3, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d bias [3, H, D] (if has_bias)
                                   .Attr<float>("scale")
-                                  .Attr<bool>("masked"));
+                                  .Attr<bool>("masked")
+                                  .Attr<bool>("has_bias"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooLayerNormForward, LayerNormForward,
                               ffi::Ffi::Bind()

@@ -252,32 +252,46 @@ def _mask_operand(mask: jax.Array | None, qkv: jax.Array) -> tuple[jax.Array, bo
     return mask.astype(jnp.bool_), True
 
 
-def packed_attention_forward(qkv: jax.Array, mask: jax.Array | None,
-                             scale: float) -> tuple[jax.Array, jax.Array]:
+def _bias_operand(bias: jax.Array | None, qkv: jax.Array) -> tuple[jax.Array, bool]:
+    """The kernel's bias operand (float32 [3, H, D], or an empty array) and whether there is one."""
+    if bias is None:
+        return jnp.zeros((0,), jnp.float32), False
+    if bias.shape != qkv.shape[2:] or bias.dtype != jnp.float32:
+        raise ValueError(f"packed attention: the bias must be float32 {qkv.shape[2:]} "
+                         f"([3, H, D]), got {bias.dtype} {bias.shape}")
+    return bias, True
+
+
+def packed_attention_forward(qkv: jax.Array, mask: jax.Array | None, scale: float,
+                             bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Softmax self-attention of a packed float32 ``qkv`` [B, L, 3, H, D] (the fused projection's
     output, q/k/v along axis 2) -> ``(out [B, L, H, D], weights [B, H, L, L])``, with scores
     ``scale * q k^T`` set to float32's lowest value where the boolean ``mask`` (broadcastable to
-    [B, H, L, L], True = allowed) is False. Needs ``available()``. Each (batch, head) block runs
-    its scores, softmax and weighted sum in the core's cache (no BLAS: a register-tiled loop
-    in ``cpu_kernel.cc``)."""
+    [B, H, L, L], True = allowed) is False. ``bias`` ([3, H, D], optional): the projection's
+    bias, as if added to ``qkv`` first (the kernel folds it into its own passes). Needs
+    ``available()``. Each (batch, head) block runs its scores, softmax and weighted sum in the
+    core's cache (no BLAS: a register-tiled loop in ``cpu_kernel.cc``)."""
     batch, length, three, heads, dim = qkv.shape
     if three != 3 or qkv.dtype != jnp.float32:
         raise ValueError(f"packed attention: qkv must be float32 [B, L, 3, H, D], got "
                          f"{qkv.dtype} {qkv.shape}")
     _require_kernel()
     mask, masked = _mask_operand(mask, qkv)
+    bias, has_bias = _bias_operand(bias, qkv)
     call = jax.ffi.ffi_call(ATTENTION_TARGETS["forward"], (
         jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.float32),
         jax.ShapeDtypeStruct((batch, heads, length, length), jnp.float32)),
         vmap_method="sequential")
-    return call(qkv, mask, scale=np.float32(scale), masked=masked)
+    return call(qkv, mask, bias, scale=np.float32(scale), masked=masked, has_bias=has_bias)
 
 
 def packed_attention_backward(qkv: jax.Array, weights: jax.Array, d_out: jax.Array,
-                              mask: jax.Array | None, scale: float) -> jax.Array:
+                              mask: jax.Array | None, scale: float,
+                              bias: jax.Array | None = None):
     """The gradient of ``packed_attention_forward``'s output with respect to ``qkv`` (same
     [B, L, 3, H, D] layout), given that output's cotangent ``d_out`` [B, L, H, D] and the
-    forward's ``weights``. Masked scores get no gradient."""
+    forward's ``weights``; with ``bias`` the pair ``(d_qkv, d_bias)``. Masked scores get no
+    gradient."""
     _require_kernel()
     batch, length, three, heads, dim = qkv.shape
     if (three != 3 or weights.shape != (batch, heads, length, length)
@@ -286,10 +300,13 @@ def packed_attention_backward(qkv: jax.Array, weights: jax.Array, d_out: jax.Arr
                          f"weights [B, H, L, L] and d_out [B, L, H, D], got {weights.shape} "
                          f"and {d_out.shape}")
     mask, masked = _mask_operand(mask, qkv)
-    call = jax.ffi.ffi_call(ATTENTION_TARGETS["backward"],
-                            jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
-                            vmap_method="sequential")
-    return call(qkv, weights, d_out, mask, scale=np.float32(scale), masked=masked)
+    bias, has_bias = _bias_operand(bias, qkv)
+    call = jax.ffi.ffi_call(ATTENTION_TARGETS["backward"], (
+        jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+        jax.ShapeDtypeStruct(bias.shape, jnp.float32)), vmap_method="sequential")
+    d_qkv, d_bias = call(qkv, weights, d_out, mask, bias, scale=np.float32(scale),
+                         masked=masked, has_bias=has_bias)
+    return (d_qkv, d_bias) if has_bias else d_qkv
 
 
 _disabled_depth = 0

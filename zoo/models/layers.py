@@ -188,31 +188,35 @@ def _blas_attention(q, k, v, mask):
 _blas_attention.defvjp(_blas_attention_forward, _blas_attention_backward)
 
 
-def packed_blas_attention(qkv: jax.Array, mask: jax.Array | None) -> jax.Array:
+def packed_blas_attention(qkv: jax.Array, mask: jax.Array | None,
+                          bias: jax.Array | None = None) -> jax.Array:
     """Self-attention of a packed float32 qkv projection [B, L, 3, H, D] -> [B, L, H, D] (the
     values of ``einsum_attention`` on its heads-major views, same mask) through the CPU
     kernel's fused forward and backward (``cpu_kernel.packed_attention_forward``): no
     transposes to a heads-major layout, and each (batch, head)'s scores stay in the core's
     cache (MAE decoder attention, forward + backward: ~0.75x ``blas_attention``'s time).
+    ``bias`` ([3, H, D], optional): the projection's bias, which the kernel folds in (the same
+    values as ``qkv + bias``, without XLA's pass over the projection to add it).
     Not differentiable twice, as ``blas_attention``."""
-    return _packed_blas_attention(qkv, mask)
+    return _packed_blas_attention(qkv, mask, bias)
 
 
-def _packed_forward(qkv, mask):
-    out, weights = cpu_kernel.packed_attention_forward(qkv, mask, qkv.shape[-1]**-0.5)
-    return out, (qkv, weights, mask)
+def _packed_forward(qkv, mask, bias):
+    out, weights = cpu_kernel.packed_attention_forward(qkv, mask, qkv.shape[-1]**-0.5, bias)
+    return out, (qkv, weights, mask, bias)
 
 
 def _packed_backward(residuals, d_out):
-    qkv, weights, mask = residuals
-    d_qkv = cpu_kernel.packed_attention_backward(qkv, weights, d_out, mask,
-                                                 qkv.shape[-1]**-0.5)
-    return d_qkv, None  # no cotangent for the (boolean or absent) mask
+    qkv, weights, mask, bias = residuals
+    grads = cpu_kernel.packed_attention_backward(qkv, weights, d_out, mask,
+                                                 qkv.shape[-1]**-0.5, bias)
+    d_qkv, d_bias = grads if bias is not None else (grads, None)
+    return d_qkv, None, d_bias  # no cotangent for the (boolean or absent) mask
 
 
 @jax.custom_vjp
-def _packed_blas_attention(qkv, mask):
-    return _packed_forward(qkv, mask)[0]
+def _packed_blas_attention(qkv, mask, bias):
+    return _packed_forward(qkv, mask, bias)[0]
 
 
 _packed_blas_attention.defvjp(_packed_forward, _packed_backward)
@@ -274,17 +278,24 @@ class Attention(nnx.Module):
         ``rows`` (optional, int [B, n]): return only these query rows, [B, n, W] (every token
         is still a key and value; the output projection runs on the n rows only)."""
         batch, length, width = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
+        shape = (3, self.num_heads, width // self.num_heads)
+        qkv, bias = self.qkv.product_and_bias(x)
+        qkv = qkv.reshape(batch, length, *shape)
         how = resolve_attention(self.attention_implementation, qkv.dtype, mask is not None)
+        if how == "blas":   # the kernel folds the bias in (no pass over qkv to add it)
+            out = packed_blas_attention(qkv, mask, None if bias is None else bias.reshape(shape))
+            return self._project(out.reshape(batch, length, width), rows)
+        if bias is not None:
+            qkv = qkv + bias.reshape(shape)
         if how == "fused":
             out = fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
-        elif how == "blas":   # reads the packed projection in place
-            out = packed_blas_attention(qkv, mask)
         else:
             # One transpose to heads-major [3, B, H, L, D] (see ATTENTION_IMPLEMENTATIONS).
             out = einsum_attention(*jnp.transpose(qkv, (2, 0, 3, 1, 4)), mask)
             out = jnp.transpose(out, (0, 2, 1, 3))
-        out = out.reshape(batch, length, width)
+        return self._project(out.reshape(batch, length, width), rows)
+
+    def _project(self, out: jax.Array, rows: jax.Array | None) -> jax.Array:
         if rows is not None:
             out = jnp.take_along_axis(out, rows[..., None], axis=1)
         return self.proj(out)

@@ -96,7 +96,19 @@ class Dense(nnx.Linear):
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         if out_sharding is not None or self.preferred_element_type is not None:
             return super().__call__(inputs, out_sharding=out_sharding)
+        inputs, kernel, bias = self._promoted(inputs)
+        return linear(inputs, kernel, bias, self.precision)
+
+    def _promoted(self, inputs):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
-        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        return linear(inputs, kernel, bias, self.precision)
+        return self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+
+    def product_and_bias(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """``(inputs @ kernel, bias)`` (the bias not yet added, None if the layer has none),
+        dtypes as ``__call__``'s: for a consumer that adds the bias itself (the CPU attention
+        kernel folds the qkv projection's bias into its own passes)."""
+        if self.preferred_element_type is not None:
+            return self(inputs), None
+        inputs, kernel, bias = self._promoted(inputs)
+        return linear(inputs, kernel, None, self.precision), bias
