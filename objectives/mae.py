@@ -4,6 +4,11 @@ Matches facebookresearch/mae ``models_mae.py``: per-example uniform noise, keep 
 ``int(L * (1 - mask_ratio))`` patches with the smallest noise, position embeddings added before
 the gather, decoder inputs un-shuffled with mask tokens plus fixed sin-cos decoder position
 embeddings, and a pixel loss averaged over each patch's pixels and over removed patches only.
+
+Work the loss never reads is skipped, with the same loss and gradients: only the kept patches
+are embedded (each with its own position's embedding, the values of embedding all and
+gathering), and the decoder's last block (after its attention) and prediction head run on the
+removed patches only. ``MAE.reconstruct`` predicts every patch, as the reference's forward does.
 """
 from __future__ import annotations
 
