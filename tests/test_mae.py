@@ -254,22 +254,27 @@ def test_norm_pix_loss_eps_inside_sqrt():
 def _objective(**kw):
     # Decoder width 32 (mlp 128) shares its parameter shapes with the encoder below, so eager
     # initialisation compiles fewer distinct ops.
-    return objectives.get("mae", patch_size=PATCH, decoder_width=32, decoder_depth=1,
-                          decoder_heads=2, **kw)
+    return objectives.get("mae", **{"patch_size": PATCH, "decoder_width": 32,
+                                    "decoder_depth": 1, "decoder_heads": 2, **kw})
 
 
-@pytest.fixture(scope="module")
-def setup():
-    obj = _objective(mask_ratio=0.75)
-    obj.validate(image_shape=IMAGE)
-    rngs = nnx.Rngs(0)
+def _tiny_model(obj, seed: int):
+    """A one-block ViT encoder with ``obj``'s heads."""
+    rngs = nnx.Rngs(seed)
     encoder = zoo.models.get("vit", size="test", depth=1, mlp_dim=128, grid=GRID,
                              patch_dim=PATCH_DIM, rngs=rngs)
     # Without a mesh, sharded parameters need eager sharding off (see test_make_heads_no_mesh,
     # which checks that make_heads handles this itself, as zoo.models.get does).
     with nnx.use_eager_sharding(False):
         heads = obj.make_heads(encoder, rngs=rngs)
-    model = zoo.models.PretrainModel(encoder, heads)
+    return zoo.models.PretrainModel(encoder, heads)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    obj = _objective(mask_ratio=0.75)
+    obj.validate(image_shape=IMAGE)
+    model = _tiny_model(obj, 0)
     images = np.random.default_rng(0).integers(0, 256, (BATCH, *IMAGE), dtype=np.uint8)
     return obj, model, {"image": jnp.asarray(images)}
 
@@ -338,14 +343,8 @@ def _reference_loss(obj, model, inputs, targets):
 def test_fast_path_matches_reference_loss_and_gradients(decoder_depth, norm_pix):
     """apply embeds only the kept patches and runs the decoder's last block and head on the
     removed patches only: loss and EVERY gradient must equal the reference's full forward."""
-    obj = objectives.get("mae", patch_size=PATCH, decoder_width=32, decoder_depth=decoder_depth,
-                         decoder_heads=2, norm_pix_loss=norm_pix)
-    rngs = nnx.Rngs(3)
-    encoder = zoo.models.get("vit", size="test", depth=1, mlp_dim=128, grid=GRID,
-                             patch_dim=PATCH_DIM, rngs=rngs)
-    with nnx.use_eager_sharding(False):
-        heads = obj.make_heads(encoder, rngs=rngs)
-    model = zoo.models.PretrainModel(encoder, heads)
+    obj = _objective(decoder_depth=decoder_depth, norm_pix_loss=norm_pix)
+    model = _tiny_model(obj, 3)
     images = np.random.default_rng(1).integers(0, 256, (3, *IMAGE), dtype=np.uint8)
     inputs, targets = obj.prepare({"image": jnp.asarray(images)}, jax.random.PRNGKey(7))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
