@@ -260,3 +260,20 @@ def test_gelu_is_exact_erf_gelu_in_value_and_gradient():
     np.testing.assert_allclose(np.asarray(grad), cdf + x * pdf, atol=2e-6, rtol=1e-5)
     tanh = np.asarray(jax.nn.gelu(xs, approximate=True))
     assert np.max(np.abs(tanh - x * cdf)) > 1e-4  # the test tells exact from the tanh form
+
+
+@pytest.mark.parametrize("depth,scan", [(2, False), (2, True), (0, False)])
+def test_transformer_stack_rows_are_the_gathered_full_output(depth, scan):
+    """``rows=`` (the last block's projection and MLP on some tokens only) must give exactly
+    those tokens' rows of the full output, scanned or not, and with no blocks at all."""
+    from zoo.models.layers import TransformerStack
+    stack = TransformerStack(16, depth, 2, 32, rngs=nnx.Rngs(0), scan=scan)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 16))
+    rows = jnp.array([[6, 0, 3], [1, 1, 5], [2, 4, 0]])
+    full = np.asarray(stack(x))
+    picked = np.asarray(stack(x, rows=rows))
+    assert picked.shape == (3, 3, 16)
+    np.testing.assert_allclose(picked, np.take_along_axis(full, np.asarray(rows)[..., None], 1),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows and return_layers"):
+        stack(x, rows=rows, return_layers=True)

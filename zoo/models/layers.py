@@ -419,13 +419,14 @@ class TransformerStack(nnx.Module):
         if rows is not None:
             if return_layers:
                 raise ValueError("TransformerStack: rows and return_layers do not go together")
-            gather = lambda y: jnp.take_along_axis(y, rows[..., None], axis=1)  # noqa: E731
-            if self.scan or not len(self.blocks):
-                return self.norm(gather(self.blocks(x, mask) if self.scan else x))
-            last = len(self.blocks) - 1
-            for i in range(last):
-                x = call_block(self.blocks[i], x, mask, remat=self.remat)
-            return self.norm(call_block(self.blocks[last], x, mask, rows, remat=self.remat))
+            blocks = [] if self.scan else list(self.blocks)
+            if self.scan:   # one compiled block for all layers: every row, gathered below
+                x = self.blocks(x, mask)
+            for block in blocks[:-1]:
+                x = call_block(block, x, mask, remat=self.remat)
+            if blocks:
+                return self.norm(call_block(blocks[-1], x, mask, rows, remat=self.remat))
+            return self.norm(jnp.take_along_axis(x, rows[..., None], axis=1))
         if self.scan:
             if not return_layers:
                 return self.norm(self.blocks(x, mask))
