@@ -214,10 +214,12 @@ def test_packed_attention_folds_the_projection_bias(batch, length, heads, dim, m
     assert float(jnp.abs(unbiased - got[0]).max()) > 0.1
 
 
-def test_attention_module_folds_its_qkv_bias_on_cpu():
+def test_attention_module_folds_its_qkv_bias_on_cpu(monkeypatch):
     """The blas path gives the einsum path's values and gradients with a non-zero qkv bias,
     and its compiled step has no pass adding the bias to the projection."""
     from flax import nnx
+
+    from zoo.models import linear
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.standard_normal((2, 10, 32)).astype(np.float32))
     bias = jnp.asarray(rng.standard_normal(96).astype(np.float32))
@@ -234,11 +236,15 @@ def test_attention_module_folds_its_qkv_bias_on_cpu():
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(grads["qkv"]["bias"][...]).max()) > 0.01
-    # No add over the projection's [2, 10, 96] output (or its [2, 10, 3, 2, 16] view) is left.
+    # No add over the projection's [2, 10, 96] output (or its [2, 10, 3, 2, 16] view) is left,
+    # whether the products run on AMX tiles (which add the output projection's bias themselves)
+    # or on XLA's dots (which leave that [2, 10, 32] add: the check sees adds).
     attention = layers.Attention(32, 2, rngs=nnx.Rngs(0), implementation="blas")
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: attention(x).sum()))(x))
-    assert re.search(r"f32\[2,10,(96|3,2,16)\] = add ", jaxpr) is None
-    assert re.search(r"f32\[2,10,32\] = add ", jaxpr) is not None   # the check sees adds
+    for amx in (True, False):
+        monkeypatch.setitem(linear.USE_AMX, "on", amx)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: attention(x).sum()))(x))
+        assert re.search(r"f32\[2,10,(96|3,2,16)\] = add ", jaxpr) is None
+    assert re.search(r"f32\[2,10,32\] = add ", jaxpr) is not None
 
 
 def test_packed_attention_weights_are_the_softmax_and_sum_to_one():
@@ -321,6 +327,8 @@ def test_dense_weight_gradient_matches_float64(rows, inputs, outputs):
 
 def test_dense_layers_take_the_weight_gradient_kernel_and_agree_with_xla(monkeypatch):
     from zoo.models import linear as linear_module
+    # Where the CPU has AMX the dense layers' products run there instead (test_amx_matmul.py).
+    monkeypatch.setitem(linear_module.USE_AMX, "on", False)
     keys = jax.random.split(jax.random.PRNGKey(3), 4)
     x = jax.random.normal(keys[0], (4, 97, 40))
     w = jax.random.normal(keys[1], (40, 70)) / 6
