@@ -1,7 +1,7 @@
 """cpu_kernel.amx_matmul: float32 products on Intel AMX's bfloat16 tiles, and the dense layers
-that use it. Every test needs a CPU with AMX (Sapphire Rapids or later) and Linux's permission
-to use its tiles; elsewhere the module is skipped with the reason (the dense layers then keep
-XLA's float32 dots, which the rest of the suite covers)."""
+that use it. Every test needs a CPU with AMX (Sapphire Rapids or later); elsewhere the module is
+skipped (the dense layers then keep XLA's float32 dots, which the rest of the suite covers).
+Where /proc/cpuinfo lists AMX, the kernel must be available: a build that lost it fails."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +10,24 @@ import pytest
 from zoo.models import cpu_kernel
 from zoo.models import linear as linear_module
 
-pytestmark = pytest.mark.skipif(
-    not cpu_kernel.amx_available(),
-    reason=f"no AMX here ({cpu_kernel.unavailable_reason() or 'the CPU has no AMX tiles'})")
+
+
+def _cpu_lists_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= set(flags)
+
+
+pytestmark = pytest.mark.skipif(not _cpu_lists_amx(), reason="the CPU has no AMX tiles")
+
+
+def test_a_cpu_with_amx_gets_the_amx_kernel():
+    # Not a skip: where the CPU has AMX, a kernel built without it (or refused by Linux) is a
+    # failure the suite must show.
+    assert cpu_kernel.amx_available(), cpu_kernel.unavailable_reason()
 
 
 def operands(seed, m, k, n, transpose_a, transpose_b, bias=False):

@@ -294,7 +294,7 @@ def test_a_compiler_refusing_march_native_gets_the_portable_build(monkeypatch, t
 
     def run(command, **kwargs):
         commands.append(command)
-        if "-march=native" in command and "-shared" in command:
+        if "-march=native" in command:
             raise cpu_kernel.subprocess.CalledProcessError(1, command, stderr=b"no native")
         return real_run(command, **kwargs)
 
@@ -302,9 +302,29 @@ def test_a_compiler_refusing_march_native_gets_the_portable_build(monkeypatch, t
     monkeypatch.setattr(cpu_kernel.subprocess, "run", run)
     library = cpu_kernel._build(cpu_kernel._compiler())
     builds = [c for c in commands if "-shared" in c]
-    assert len(builds) == 2 and "-march=native" not in builds[1]
+    assert len(builds) == 1 and "-march=native" not in builds[0]
     assert library.exists() and library.parent == tmp_path / "zoo" / "kernels"
 
+
+
+def test_a_source_that_fails_with_accepted_flags_is_an_error_not_a_portable_build(
+        monkeypatch, tmp_path):
+    # A portable build would silently drop the AVX-512 and AMX code (the MAE step ran ~25x
+    # slower when an edit broke the native build): the compile error must surface instead.
+    real_run = cpu_kernel.subprocess.run
+    builds = []
+
+    def run(command, **kwargs):
+        if "-shared" in command:
+            builds.append(command)
+            raise cpu_kernel.subprocess.CalledProcessError(1, command, stderr=b"error: oops")
+        return real_run(command, **kwargs)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", run)
+    with pytest.raises(cpu_kernel.subprocess.CalledProcessError):
+        cpu_kernel._build(cpu_kernel._compiler())
+    assert len(builds) == 1 and "-march=native" in builds[0]
 
 # K (rows) around the kernel's 384-row blocks, M around its 12-row tiles, N around its 32-column
 # panels (a partial last panel), threads splitting N (M <= N) or M (M > N), plus empty sums and

@@ -968,7 +968,9 @@ inline void StoreARow(__m512 v0, __m512 v1, int pieces, uint16_t* tile, int r) {
 
 // A's tile of rows [r0, r0 + 16) and K [k0, k0 + 32) of op(A), split into pieces at dst (piece
 // p at dst + p * 512). trans: A[r][k] = src[k * ld + r], read 16 K rows at a time and transposed
-// in registers.
+// in registers. The packers prefetch the lines of the next chunk along K (the next tile they are
+// asked for): the rows they read lie in different pages, which the hardware prefetchers do not
+// follow (~2.7% of the MAE step).
 void PackATile(const float* src, int64_t ld, bool trans, const AmxShape& s, int64_t r0,
                int64_t k0, uint16_t* dst) {
   if (!trans) {
@@ -976,6 +978,10 @@ void PackATile(const float* src, int64_t ld, bool trans, const AmxShape& s, int6
       __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
       if (r0 + r < s.m) {
         const float* row = src + (r0 + r) * ld + k0;
+        if (k0 + kChunk < s.k) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + kChunk), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + kChunk + 16), _MM_HINT_T0);
+        }
         v0 = _mm512_maskz_loadu_ps(TailMask(s.k - k0), row);
         v1 = _mm512_maskz_loadu_ps(TailMask(s.k - k0 - 16), row + 16);
       }
@@ -988,6 +994,9 @@ void PackATile(const float* src, int64_t ld, bool trans, const AmxShape& s, int6
   for (int h = 0; h < 2; ++h) {
     for (int k = 0; k < 16; ++k) {
       const int64_t kk = k0 + 16 * h + k;
+      if (kk + kChunk < s.k) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + (kk + kChunk) * ld + r0), _MM_HINT_T0);
+      }
       half[h][k] = kk < s.k ? _mm512_maskz_loadu_epi32(rows, src + kk * ld + r0)
                             : _mm512_setzero_si512();
     }
@@ -1035,6 +1044,10 @@ void PackBTile(const float* src, int64_t ld, bool trans, const AmxShape& s, int6
     __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
     if (n0 + n < s.n) {
       const float* line = src + (n0 + n) * ld + k0;
+      if (k0 + kChunk < s.k) {
+        _mm_prefetch(reinterpret_cast<const char*>(line + kChunk), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(line + kChunk + 16), _MM_HINT_T0);
+      }
       v0 = _mm512_maskz_loadu_ps(TailMask(s.k - k0), line);
       v1 = _mm512_maskz_loadu_ps(TailMask(s.k - k0 - 16), line + 16);
     }
@@ -1196,11 +1209,14 @@ void AmxMatmul(ffi::ThreadPool& pool, const float* a, int64_t lda, bool trans_a,
       for (int64_t group = 0; group < groups; ++group) {
         const int64_t g0 = col0 + group * (col1 - col0) / groups;
         const int64_t g1 = col0 + (group + 1) * (col1 - col0) / groups;
-        for (int64_t u = 0; u < 2 * (g1 - g0); ++u) {
-          for (int64_t ch = 0; ch < chunks; ++ch) {
-            PackBTile(b, ldb, trans_b, s, (2 * g0 + u) * kTile, (c0 + ch) * kChunk,
-                      b_slice + u * b_tile_stride + ch * tile_elems);
-          }
+        // Row-major B is read a row at a time across the group's columns (a chunk's tiles in
+        // turn); transposed B a source row at a time along K (a column tile's chunks in turn):
+        // sequential reads either way, ~3.5% of the MAE step over one order for both.
+        for (int64_t i = 0; i < 2 * (g1 - g0) * chunks; ++i) {
+          const int64_t u = trans_b ? i / chunks : i % (2 * (g1 - g0));
+          const int64_t ch = trans_b ? i % chunks : i / (2 * (g1 - g0));
+          PackBTile(b, ldb, trans_b, s, (2 * g0 + u) * kTile, (c0 + ch) * kChunk,
+                    b_slice + u * b_tile_stride + ch * tile_elems);
         }
         for (int64_t row = row0; row < row1; ++row) {
           for (int t = 0; t < 2; ++t) {
