@@ -8,8 +8,8 @@ the dense layers' products.
   own float32 dot's). ``zoo.models.linear`` runs every dense layer's forward, input-gradient and
   weight-gradient products through it on a one-device float32 CPU run where the CPU has AMX
   (``ZOO_AMX=0`` keeps XLA's dots): 0.61-0.66x XLA's time for the MAE bench's products,
-  0.77-0.85x for its whole step (2-core Xeon, same-process A/Bs). ``lax.Precision.HIGH`` on a layer asks for
-  three passes (~2^-16 relative).
+  0.77-0.85x for its whole step (2-core Xeon, same-process A/Bs). ``lax.Precision.HIGH`` on a
+  layer asks for three passes (~2^-16 relative).
 
 * ``packed_attention_forward`` / ``packed_attention_backward``: self-attention over the packed
   qkv projection [B, L, 3, H, D], one (batch, head) block per task: q, k and v are read in place

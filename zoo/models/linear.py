@@ -9,11 +9,11 @@ leading dimensions and asking for ``dot(x^T, g)`` directly lets the matmul read 
 place: the MAE ViT-S/16 bench step drops from ~1.5 s to ~1.3 s (same-process A/B, 2-core CPU).
 On a one-device float32 CPU run whose CPU has Intel AMX, all three products (forward, input
 gradient, weight gradient) run on AMX's bfloat16 tiles with float32 accuracy
-(``cpu_kernel.amx_matmul``, six bfloat16 passes; ``ZOO_AMX=0`` turns it off): the MAE bench step
-takes 0.77-0.85x the time of XLA's float32 dots. Without AMX, the weight and bias gradients of layers
-with at most 2^20 weights come from one CPU kernel (``cpu_kernel.dense_weight_gradient``: both
-operands packed into cache-sized blocks, the bias sums taken on the way), 11-30% faster than
-XLA:CPU's transposed-operand product on the MAE bench's layers.
+(``cpu_kernel.amx_matmul``, six bfloat16 passes; ``ZOO_AMX=0`` turns it off): the MAE bench
+step takes 0.77-0.85x the time of XLA's float32 dots. Without AMX, the weight and bias gradients
+of layers with at most 2^20 weights come from one CPU kernel (``cpu_kernel.dense_weight_gradient``:
+both operands packed into cache-sized blocks, the bias sums taken on the way), 11-30% faster
+than XLA:CPU's transposed-operand product on the MAE bench's layers.
 
 Forward-mode AD (``jax.jvp``) needs ``zoo.models.backward.backward_mode("autodiff")``.
 """
