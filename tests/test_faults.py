@@ -119,12 +119,11 @@ def test_twenty_random_kill9s_never_restore_a_partial_checkpoint(data_dir, tmp_p
     """SIGKILL at random moments (a checkpoint every step, so most kills after start-up land
     inside a write); each restart resumes from the newest COMPLETE checkpoint on disk, and the
     final parameters equal an uninterrupted run's bit for bit."""
-    steps = 200                      # long enough that 20 short lives cannot finish it
+    # A schedule far longer than 20 short lives can cover on any machine (200 steps did not
+    # last 20 lives on a fast one); both runs then stop at the same step after the kills.
+    steps = 100_000
     settings = [f"steps={steps}", "log_every=10", "checkpoint_every=1", "keep_checkpoints=2"]
     env = _env(data_dir, tmp_path / "cache")
-    # The reference: same schedule, one checkpoint at the end (saving does not change params).
-    subprocess.run(_command(tmp_path / "full", *settings, f"checkpoint_every={steps}"),
-                   cwd=ROOT, env=env, check=True, capture_output=True)
     workdir, rng, kills, resumes = tmp_path / "killed", random.Random(0), 0, []
     while kills < 20:
         complete = zoo.train.completed_checkpoint_steps(str(workdir))
@@ -148,11 +147,16 @@ def test_twenty_random_kill9s_never_restore_a_partial_checkpoint(data_dir, tmp_p
             assert not complete, "a run with checkpoints on disk started from scratch"
         # else: killed during start-up, before it looked at the checkpoints
     assert len(resumes) >= 5 and resumes[-1] > 0, resumes   # kills landed after progress
-    subprocess.run(_command(workdir, *settings), cwd=ROOT, env=env, check=True,
+    end = ["--stop-at", str(max(zoo.train.completed_checkpoint_steps(str(workdir))) + 5)]
+    subprocess.run(_command(workdir, *settings) + end, cwd=ROOT, env=env, check=True,
                    capture_output=True)
+    # The reference: same schedule, uninterrupted, one checkpoint where it stops (saving does
+    # not change the parameters).
+    subprocess.run(_command(tmp_path / "full", *settings, f"checkpoint_every={steps}") + end,
+                   cwd=ROOT, env=env, check=True, capture_output=True)
     ours, step = _final_params(workdir, settings)
     reference, reference_step = _final_params(tmp_path / "full", settings)
-    assert step == reference_step == steps
+    assert step == reference_step == int(end[1])
     jax.tree.map(np.testing.assert_array_equal, ours, reference)
 
 
