@@ -966,6 +966,17 @@ inline void StoreARow(__m512 v0, __m512 v1, int pieces, uint16_t* tile, int r) {
   }
 }
 
+// The 32 floats line[k0 .. k0 + 32) (zeros past k), and a prefetch of the next 32: the
+// packers' next tile reads them (see PackATile).
+inline void LoadChunk(const float* line, int64_t k0, int64_t k, __m512* v0, __m512* v1) {
+  if (k0 + kChunk < k) {
+    _mm_prefetch(reinterpret_cast<const char*>(line + k0 + kChunk), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(line + k0 + kChunk + 16), _MM_HINT_T0);
+  }
+  *v0 = _mm512_maskz_loadu_ps(TailMask(k - k0), line + k0);
+  *v1 = _mm512_maskz_loadu_ps(TailMask(k - k0 - 16), line + k0 + 16);
+}
+
 // A's tile of rows [r0, r0 + 16) and K [k0, k0 + 32) of op(A), split into pieces at dst (piece
 // p at dst + p * 512). trans: A[r][k] = src[k * ld + r], read 16 K rows at a time and transposed
 // in registers. The packers prefetch the lines of the next chunk along K (the next tile they are
@@ -976,15 +987,7 @@ void PackATile(const float* src, int64_t ld, bool trans, const AmxShape& s, int6
   if (!trans) {
     for (int r = 0; r < kTile; ++r) {
       __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
-      if (r0 + r < s.m) {
-        const float* row = src + (r0 + r) * ld + k0;
-        if (k0 + kChunk < s.k) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + kChunk), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(row + kChunk + 16), _MM_HINT_T0);
-        }
-        v0 = _mm512_maskz_loadu_ps(TailMask(s.k - k0), row);
-        v1 = _mm512_maskz_loadu_ps(TailMask(s.k - k0 - 16), row + 16);
-      }
+      if (r0 + r < s.m) LoadChunk(src + (r0 + r) * ld, k0, s.k, &v0, &v1);
       StoreARow(v0, v1, s.pieces, dst, r);
     }
     return;
@@ -1042,15 +1045,7 @@ void PackBTile(const float* src, int64_t ld, bool trans, const AmxShape& s, int6
   for (int n = 0; n < kTile; ++n) {
     __m256i lo[3], hi[3];
     __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
-    if (n0 + n < s.n) {
-      const float* line = src + (n0 + n) * ld + k0;
-      if (k0 + kChunk < s.k) {
-        _mm_prefetch(reinterpret_cast<const char*>(line + kChunk), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(line + kChunk + 16), _MM_HINT_T0);
-      }
-      v0 = _mm512_maskz_loadu_ps(TailMask(s.k - k0), line);
-      v1 = _mm512_maskz_loadu_ps(TailMask(s.k - k0 - 16), line + 16);
-    }
+    if (n0 + n < s.n) LoadChunk(src + (n0 + n) * ld, k0, s.k, &v0, &v1);
     Split(v0, s.pieces, lo);
     Split(v1, s.pieces, hi);
     for (int p = 0; p < s.pieces; ++p) {
