@@ -852,7 +852,6 @@ ffi::Error DenseWeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-
 }  // namespace
 
 // 1 when this build has the AMX kernel and Linux lets this process use the tile registers
@@ -1094,7 +1093,7 @@ class TileBuffer {
 // bias (a tile load with row stride 0 repeats it in every row) or C's current values.
 template <int Passes>
 void AmxBlock(const uint16_t* a, int64_t a_tile_stride, const uint16_t* b,
-              int64_t b_tile_stride, int64_t chunks, int pieces, Start start, const float* bias,
+              int64_t b_tile_stride, int64_t chunks, Start start, const float* bias,
               const AmxShape& s, int64_t r0, int64_t n0, float* c) {
   const bool full = r0 + 32 <= s.m && n0 + 32 <= s.n;
   const int64_t ldc = s.n;
@@ -1126,7 +1125,7 @@ void AmxBlock(const uint16_t* a, int64_t a_tile_stride, const uint16_t* b,
     _tile_zero(2);
     _tile_zero(3);
   }
-  const int64_t chunk_stride = static_cast<int64_t>(pieces) * kTileElems;
+  const int64_t chunk_stride = static_cast<int64_t>(s.pieces) * kTileElems;
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const uint16_t* ac = a + ch * chunk_stride;
     const uint16_t* bc = b + ch * chunk_stride;
@@ -1191,10 +1190,10 @@ void AmxMatmul(ffi::ThreadPool& pool, const float* a, int64_t lda, bool trans_a,
     const int64_t col0 = split_rows ? 0 : lo, col1 = split_rows ? col_blocks : hi;
     const int64_t b_tile_stride = kb * tile_elems;   // next column tile of the slice
     const int64_t a_tile_stride = kb * tile_elems;   // the block's second row tile
-    // The task's columns in groups whose slice of B fits kSliceBytes (equal sizes).
-    const int64_t slice_bytes_per_block = 2 * b_tile_stride * 2;
-    const int64_t groups = std::max<int64_t>(
-        1, (col1 - col0) * slice_bytes_per_block / kSliceBytes + 1);
+    // The task's columns in as few groups of (near) equal size as keep B's slice within
+    // kSliceBytes (2 column tiles of 2 bytes per element per column block).
+    const int64_t slice_bytes = (col1 - col0) * 2 * b_tile_stride * 2;
+    const int64_t groups = std::max<int64_t>(1, (slice_bytes + kSliceBytes - 1) / kSliceBytes);
     uint16_t* b_slice = b_buffer.Get(2 * ((col1 - col0 + groups - 1) / groups) * b_tile_stride);
     uint16_t* a_block = a_buffer.Get(2 * kb * tile_elems);
     _tile_loadconfig(&config);
@@ -1223,14 +1222,14 @@ void AmxMatmul(ffi::ThreadPool& pool, const float* a, int64_t lda, bool trans_a,
           for (int64_t col = g0; col < g1; ++col) {
             const uint16_t* bb = b_slice + 2 * (col - g0) * b_tile_stride;
             if (passes == 6) {
-              AmxBlock<6>(a_block, a_tile_stride, bb, b_tile_stride, chunks, s.pieces, start,
-                          bias, s, 32 * row, 32 * col, c);
+              AmxBlock<6>(a_block, a_tile_stride, bb, b_tile_stride, chunks, start, bias, s,
+                          32 * row, 32 * col, c);
             } else if (passes == 3) {
-              AmxBlock<3>(a_block, a_tile_stride, bb, b_tile_stride, chunks, s.pieces, start,
-                          bias, s, 32 * row, 32 * col, c);
+              AmxBlock<3>(a_block, a_tile_stride, bb, b_tile_stride, chunks, start, bias, s,
+                          32 * row, 32 * col, c);
             } else {
-              AmxBlock<1>(a_block, a_tile_stride, bb, b_tile_stride, chunks, s.pieces, start,
-                          bias, s, 32 * row, 32 * col, c);
+              AmxBlock<1>(a_block, a_tile_stride, bb, b_tile_stride, chunks, start, bias, s,
+                          32 * row, 32 * col, c);
             }
           }
         }

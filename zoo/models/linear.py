@@ -87,18 +87,19 @@ def _linear_bwd(precision, residuals, g):
     rows, x_rows = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
     passes = _amx_passes(x, kernel, precision) if g.dtype == jnp.float32 else 0
     if passes:
-        d_x = cpu_kernel.amx_matmul(rows, kernel, transpose_b=True, passes=passes)
-        d_x = d_x.reshape(x.shape)
+        d_x = cpu_kernel.amx_matmul(rows, kernel, transpose_b=True, passes=passes).reshape(x.shape)
+        d_kernel = cpu_kernel.amx_matmul(x_rows, rows, transpose_a=True, passes=passes)
+        column_sums = None
     else:
         d_x = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-    if passes:
-        d_kernel = cpu_kernel.amx_matmul(x_rows, rows, transpose_a=True, passes=passes)
-        column_sums = None if bias is None else rows.sum(0, dtype=jnp.float32)
-    elif _kernel_takes(x, g, kernel):
-        d_kernel, column_sums = cpu_kernel.dense_weight_gradient(x_rows, rows)
-    else:
-        d_kernel = lax.dot_general(x_rows, rows, (((0,), (0,)), ((), ())), precision=precision)
-        column_sums = None if bias is None else rows.sum(0, dtype=jnp.float32)
+        if _kernel_takes(x, g, kernel):
+            d_kernel, column_sums = cpu_kernel.dense_weight_gradient(x_rows, rows)
+        else:
+            d_kernel = lax.dot_general(x_rows, rows, (((0,), (0,)), ((), ())),
+                                       precision=precision)
+            column_sums = None
+    if bias is not None and column_sums is None:
+        column_sums = rows.sum(0, dtype=jnp.float32)
     d_bias = None if bias is None else column_sums.astype(bias.dtype)
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias
 
